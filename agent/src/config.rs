@@ -1,0 +1,202 @@
+//! The agent's configuration: the TOML file, the command-line flags that override it, and
+//! the resolved settings every other module reads. Defaults live here and nowhere else.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default SSH port of the agent (sshd keeps 22).
+pub const DEFAULT_SSH_PORT: u16 = 2222;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(
+        "invalid listen address '{value}' for {what}: use HOST:PORT (e.g. 0.0.0.0:{DEFAULT_SSH_PORT}) or 'off'"
+    )]
+    Listen { what: &'static str, value: String },
+}
+
+/// The configuration file as written by people. Every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub name: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub ssh: SshFileConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshFileConfig {
+    /// `HOST:PORT` or `off`.
+    pub listen: Option<String>,
+    pub max_connections: Option<usize>,
+    pub max_startups: Option<usize>,
+    pub login_grace_time_secs: Option<u64>,
+    pub max_auth_tries: Option<usize>,
+    pub keepalive_interval_secs: Option<u64>,
+    pub keepalive_max: Option<usize>,
+    /// Extra environment variable names clients may set (beyond LANG, LC_*, TERM, TZ, …).
+    #[serde(default)]
+    pub accept_env: Vec<String>,
+}
+
+/// Flags given on the command line; `Some` overrides the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub state_dir: Option<PathBuf>,
+    pub ssh: Option<String>,
+    pub name: Option<String>,
+}
+
+/// Resolved settings of the SSH listener.
+#[derive(Debug, Clone)]
+pub struct SshSettings {
+    pub listen: SocketAddr,
+    /// Connections open at once; more are closed right after accept.
+    pub max_connections: usize,
+    /// Connections not yet authenticated at once (sshd's MaxStartups).
+    pub max_startups: usize,
+    /// Time a client has from connect to successful authentication (sshd's LoginGraceTime).
+    pub login_grace_time: Duration,
+    /// Authentication attempts per connection (sshd's MaxAuthTries).
+    pub max_auth_tries: usize,
+    pub keepalive_interval: Duration,
+    pub keepalive_max: usize,
+    pub accept_env: Vec<String>,
+}
+
+/// Everything the agent needs to start.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub ssh: Option<SshSettings>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        FileConfig::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Combine the file with the flags and the built-in defaults.
+    pub fn resolve(self, flags: &Overrides) -> Result<AgentConfig, ConfigError> {
+        let name = flags.name.clone().or(self.name).unwrap_or_else(hostname);
+        let state_dir = flags
+            .state_dir
+            .clone()
+            .or(self.state_dir)
+            .unwrap_or_else(crate::paths::default_state_dir);
+        let f = self.ssh;
+        let listen = flags
+            .ssh
+            .clone()
+            .or(f.listen)
+            .unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_SSH_PORT}"));
+        let ssh = match parse_listen("ssh", &listen)? {
+            None => None,
+            Some(listen) => Some(SshSettings {
+                listen,
+                max_connections: f.max_connections.unwrap_or(1024).max(1),
+                max_startups: f.max_startups.unwrap_or(100).max(1),
+                login_grace_time: Duration::from_secs(f.login_grace_time_secs.unwrap_or(60).max(1)),
+                max_auth_tries: f.max_auth_tries.unwrap_or(6).max(1),
+                keepalive_interval: Duration::from_secs(
+                    f.keepalive_interval_secs.unwrap_or(30).max(1),
+                ),
+                keepalive_max: f.keepalive_max.unwrap_or(4).max(1),
+                accept_env: f.accept_env,
+            }),
+        };
+        Ok(AgentConfig {
+            name,
+            state_dir,
+            ssh,
+        })
+    }
+}
+
+/// `off` (or `none`, empty) disables a listener; anything else must be `HOST:PORT`.
+pub fn parse_listen(what: &'static str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    let v = value.trim();
+    if v.is_empty() || v.eq_ignore_ascii_case("off") || v.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    use std::net::ToSocketAddrs;
+    v.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .map(Some)
+        .ok_or_else(|| ConfigError::Listen {
+            what,
+            value: value.to_string(),
+        })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_defaults_fill_in() {
+        let f = FileConfig::parse(
+            "name = \"web1\"\n[ssh]\nlisten = \"127.0.0.1:2022\"\nmax_auth_tries = 3\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let c = f
+            .resolve(&Overrides {
+                ssh: Some("127.0.0.1:4000".into()),
+                state_dir: Some("/tmp/x".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(c.name, "web1");
+        let ssh = c.ssh.unwrap();
+        assert_eq!(ssh.listen.port(), 4000);
+        assert_eq!(ssh.max_auth_tries, 3);
+        assert_eq!(ssh.login_grace_time, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn off_and_bad_values() {
+        let c = FileConfig::default()
+            .resolve(&Overrides {
+                ssh: Some("off".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(c.ssh.is_none());
+        assert!(parse_listen("ssh", "nonsense").is_err());
+        assert!(FileConfig::parse("bogus = 1", Path::new("t")).is_err());
+    }
+}

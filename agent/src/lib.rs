@@ -1,0 +1,11 @@
+//! `remote-agent`: the agent that runs on every server. It accepts commands over its
+//! built-in SSH server (and, later, WinRM and a relay tunnel), authenticates them against its
+//! own accounts, and runs them as the account's OS user.
+
+pub mod accounts;
+pub mod config;
+pub mod hostkey;
+pub mod paths;
+pub mod process;
+pub mod sftp;
+pub mod ssh;

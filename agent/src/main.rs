@@ -1,0 +1,419 @@
+//! The `remote-agent` command line: `run` (the default), `quickstart`, `user add|list|rm`,
+//! and the internal `sftp-server` that the SSH server starts as the logged-in user.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use remote_agent::accounts::{self, Account, AccountDb, AccountStore};
+use remote_agent::config::{AgentConfig, FileConfig, Overrides};
+use remote_agent::{hostkey, paths};
+
+#[derive(Parser)]
+#[command(
+    name = "remote-agent",
+    version,
+    about = "The remote agent: an SSH server for running commands on this host",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent in the foreground (the default when no command is given).
+    Run(RunArgs),
+    /// Start an agent on this machine for a first try: loopback only, with an account for
+    /// you that logs in with your SSH key; prints what to type next.
+    Quickstart(QuickstartArgs),
+    /// Manage the agent's accounts.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Serve SFTP on stdin/stdout (started by the agent's SSH server; not for direct use).
+    #[command(hide = true)]
+    SftpServer,
+}
+
+#[derive(Args, Default, Clone)]
+struct StateArgs {
+    /// Configuration file (TOML). Default: /etc/remote-agent/agent.toml as root,
+    /// $XDG_CONFIG_HOME/remote-agent/agent.toml otherwise, when it exists.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// State directory (host key, accounts). Default: /var/lib/remote-agent as root,
+    /// $XDG_STATE_HOME/remote-agent otherwise.
+    #[arg(long, value_name = "DIR", env = "REMOTE_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Default, Clone)]
+struct RunArgs {
+    #[command(flatten)]
+    state: StateArgs,
+    /// SSH listen address, HOST:PORT, or 'off' (default 0.0.0.0:2222).
+    #[arg(long, value_name = "ADDR|off")]
+    ssh: Option<String>,
+    /// Name of this agent (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[derive(Args)]
+struct QuickstartArgs {
+    #[command(flatten)]
+    state: StateArgs,
+    /// SSH listen address (loopback by default).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:2222")]
+    ssh: String,
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add an account.
+    Add {
+        name: String,
+        /// Read the account's password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Authorized SSH public keys (authorized_keys format); repeatable.
+        #[arg(long = "authorized-key", value_name = "FILE")]
+        authorized_keys: Vec<PathBuf>,
+        /// Make the account an administrator.
+        #[arg(long)]
+        admin: bool,
+        /// OS user the account's commands run as (needs the agent to run as root).
+        #[arg(long, value_name = "OS_USER")]
+        run_as: Option<String>,
+        /// Groups the account belongs to (for endpoint rules); repeatable.
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// List accounts.
+    List {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Remove an account; takes effect for new connections at once.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Run(cli.run));
+    let default_log = match command {
+        Command::Run(_) | Command::Quickstart(_) => "info",
+        // sftp-server's stderr goes to the SFTP client: stay quiet.
+        Command::SftpServer => "off",
+        Command::User(_) => "warn",
+    };
+    init_logging(default_log);
+    match dispatch(command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("remote-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REMOTE_AGENT_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(default))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Run(args) => {
+            let config = load_config(&args.state, args.ssh.clone(), args.name.clone())?;
+            runtime()?.block_on(run(config, None))
+        }
+        Command::Quickstart(args) => quickstart(args),
+        Command::User(cmd) => user(cmd),
+        Command::SftpServer => runtime()?
+            .block_on(remote_agent::sftp::serve_stdio())
+            .context("sftp-server"),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn load_config(
+    state: &StateArgs,
+    ssh: Option<String>,
+    name: Option<String>,
+) -> Result<AgentConfig> {
+    let file = match &state.config {
+        Some(path) => FileConfig::load(path)?,
+        None => {
+            let default = paths::default_config_file();
+            if default.exists() {
+                FileConfig::load(&default)?
+            } else {
+                FileConfig::default()
+            }
+        }
+    };
+    Ok(file.resolve(&Overrides {
+        state_dir: state.state_dir.clone(),
+        ssh,
+        name,
+    })?)
+}
+
+fn state_dir(state: &StateArgs) -> Result<PathBuf> {
+    Ok(load_config(state, Some("off".into()), None)?.state_dir)
+}
+
+/// Printed once the listener is up: the bound address and the host key fingerprint.
+type Banner = Box<dyn FnOnce(std::net::SocketAddr, &str) + Send>;
+
+/// Run the agent until SIGTERM or SIGINT. `banner` is printed once the listener is up.
+async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
+    paths::ensure_private_dir(&config.state_dir)
+        .with_context(|| format!("cannot create state dir {}", config.state_dir.display()))?;
+    let (key, fresh) = hostkey::load_or_generate(&config.state_dir)?;
+    let fingerprint = hostkey::fingerprint(&key);
+    if fresh {
+        tracing::info!("generated host key {fingerprint}");
+    }
+    let store = AccountStore::new(&config.state_dir);
+    let db = AccountDb::new(store.clone());
+    if db.count() == 0 {
+        tracing::warn!(
+            "no accounts in {}: nobody can log in. Add one with `remote-agent user add NAME --authorized-key ~/.ssh/id_ed25519.pub`",
+            store.path().display()
+        );
+    }
+    let shutdown = CancellationToken::new();
+    let Some(ssh) = config.ssh.clone() else {
+        bail!("no listener is enabled (--ssh off): nothing to serve. Give --ssh HOST:PORT");
+    };
+    let server = remote_agent::ssh::SshServer::bind(ssh, key, db, shutdown.clone()).await?;
+    let addr = server.local_addr()?;
+    tracing::info!(name = %config.name, state_dir = %config.state_dir.display(), "remote-agent started");
+    eprintln!("remote-agent: ssh listening on {addr} (host key {fingerprint})");
+    if let Some(banner) = banner {
+        banner(addr, &fingerprint);
+    }
+    let server_task = tokio::spawn(server.run());
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    server_task.await.context("ssh server task failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+fn quickstart(args: QuickstartArgs) -> Result<()> {
+    let config = load_config(&args.state, Some(args.ssh.clone()), None)?;
+    paths::ensure_private_dir(&config.state_dir)?;
+    let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .context("cannot find the name of the current OS user")?;
+    accounts::validate_name(&me).with_context(|| {
+        format!("your user name '{me}' cannot be an account name; add one with `remote-agent user add NAME`")
+    })?;
+    let store = AccountStore::new(&config.state_dir);
+    let key_file = config.state_dir.join("quickstart_ed25519");
+    let mut identity_hint = String::new();
+    if !store.load()?.iter().any(|a| a.name == me) {
+        let mut keys = Vec::new();
+        let ssh_dir = paths::home_dir().join(".ssh");
+        for name in ["id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub"] {
+            if let Ok(text) = std::fs::read_to_string(ssh_dir.join(name)) {
+                keys.extend(accounts::parse_authorized_keys(&text, name).unwrap_or_default());
+            }
+        }
+        if keys.is_empty() {
+            keys.push(generate_client_key(&key_file)?);
+        }
+        store.add(Account {
+            name: me.clone(),
+            password_hash: None,
+            authorized_keys: keys,
+            admin: true,
+            groups: Vec::new(),
+            run_as: None,
+        })?;
+        eprintln!("remote-agent: created admin account '{me}' (logs in with your SSH key)");
+    }
+    if key_file.exists() {
+        identity_hint = format!(" -i {}", key_file.display());
+    }
+    let banner = Box::new(move |addr: std::net::SocketAddr, fp: &str| {
+        let port = addr.port();
+        let host = addr.ip();
+        println!();
+        println!("remote-agent is running on {addr} (host key {fp}). Next, in another terminal:");
+        println!("  ssh -p {port}{identity_hint} {me}@{host} 'uname -a'      # run a command");
+        println!("  ssh -p {port}{identity_hint} {me}@{host}                 # interactive shell");
+        println!("  sftp -P {port}{identity_hint} {me}@{host}                # file transfer");
+        println!(
+            "Accounts: remote-agent user list | user add NAME --authorized-key FILE. Ctrl+C stops the agent."
+        );
+        println!();
+    });
+    runtime()?.block_on(run(config, Some(banner)))
+}
+
+fn generate_client_key(path: &Path) -> Result<String> {
+    use russh::keys::ssh_key::LineEnding;
+    if !path.exists() {
+        let key =
+            russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
+                .map_err(|e| anyhow::anyhow!("cannot generate a key: {e}"))?;
+        let text = key
+            .to_openssh(LineEnding::LF)
+            .map_err(|e| anyhow::anyhow!("cannot encode a key: {e}"))?;
+        paths::write_private_atomic(path, text.as_bytes())?;
+    }
+    let text = std::fs::read_to_string(path)?;
+    let key = russh::keys::PrivateKey::from_openssh(text.as_bytes())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    key.public_key()
+        .to_openssh()
+        .map_err(|e| anyhow::anyhow!("cannot encode a key: {e}"))
+}
+
+fn user(cmd: UserCommand) -> Result<()> {
+    match cmd {
+        UserCommand::Add {
+            name,
+            password_stdin,
+            authorized_keys,
+            admin,
+            run_as,
+            groups,
+            state,
+        } => {
+            accounts::validate_name(&name)?;
+            let store = AccountStore::new(&state_dir(&state)?);
+            let mut keys = Vec::new();
+            for file in &authorized_keys {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("cannot read key file {}", file.display()))?;
+                let parsed = accounts::parse_authorized_keys(&text, &file.display().to_string())?;
+                if parsed.is_empty() {
+                    bail!("{} holds no public key", file.display());
+                }
+                keys.extend(parsed);
+            }
+            let password_hash = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin()
+                    .lock()
+                    .read_line(&mut line)
+                    .context("cannot read the password from standard input")?;
+                let password = line.trim_end_matches(['\n', '\r']);
+                if password.is_empty() {
+                    bail!(
+                        "empty password on standard input: give a password, or use --authorized-key only"
+                    );
+                }
+                Some(accounts::hash_password(password)?)
+            } else {
+                None
+            };
+            if password_hash.is_none() && keys.is_empty() {
+                bail!(
+                    "account '{name}' would have no way to log in: give --password-stdin and/or --authorized-key FILE"
+                );
+            }
+            if let Some(os_user) = &run_as {
+                if nix::unistd::User::from_name(os_user)
+                    .ok()
+                    .flatten()
+                    .is_none()
+                {
+                    bail!(
+                        "OS user '{os_user}' (--run-as) does not exist on this host: create it first (useradd {os_user})"
+                    );
+                }
+                if !nix::unistd::geteuid().is_root() {
+                    eprintln!("note: --run-as takes effect only when the agent runs as root");
+                }
+            } else if nix::unistd::geteuid().is_root() {
+                eprintln!(
+                    "note: '{name}' has no --run-as: its commands will run as the agent's user (root)"
+                );
+            }
+            store.add(Account {
+                name: name.clone(),
+                password_hash,
+                authorized_keys: keys,
+                admin,
+                groups,
+                run_as,
+            })?;
+            eprintln!("added account '{name}' to {}", store.path().display());
+            Ok(())
+        }
+        UserCommand::List { state } => {
+            let store = AccountStore::new(&state_dir(&state)?);
+            let accounts = store.load()?;
+            if accounts.is_empty() {
+                eprintln!("no accounts in {}", store.path().display());
+            }
+            for a in accounts {
+                let mut auth = Vec::new();
+                if a.password_hash.is_some() {
+                    auth.push("password".to_string());
+                }
+                if !a.authorized_keys.is_empty() {
+                    auth.push(format!("{} key(s)", a.authorized_keys.len()));
+                }
+                println!(
+                    "{}\t{}\t{}\trun_as={}",
+                    a.name,
+                    if a.admin { "admin" } else { "user" },
+                    auth.join("+"),
+                    a.run_as.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(())
+        }
+        UserCommand::Rm { name, state } => {
+            let store = AccountStore::new(&state_dir(&state)?);
+            store.remove(&name)?;
+            eprintln!("removed account '{name}'");
+            Ok(())
+        }
+    }
+}

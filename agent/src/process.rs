@@ -1,0 +1,338 @@
+//! Starting user processes: which OS identity they run as, their environment and working
+//! directory, and the two ways of wiring them up (pipes, or a pseudo-terminal). Every
+//! transport starts processes through here, so privilege dropping lives in one place.
+
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+use nix::unistd::{Gid, Uid, User};
+
+use crate::accounts::Account;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error(
+        "account '{account}' runs as OS user '{user}', which does not exist on this host: create it or fix run_as (remote-agent user rm/add)"
+    )]
+    NoSuchUser { account: String, user: String },
+    #[error(
+        "account '{account}' names run_as '{user}', but the agent is not running as root and cannot switch users: run the agent as root or remove run_as"
+    )]
+    CannotSwitch { account: String, user: String },
+    #[error("cannot look up OS user: {0}")]
+    Lookup(nix::Error),
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("cannot set up a pseudo-terminal: {0}")]
+    Pty(String),
+}
+
+/// The OS identity a process runs as, resolved once per login.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub user: String,
+    pub uid: Uid,
+    pub gid: Gid,
+    pub groups: Vec<Gid>,
+    pub home: PathBuf,
+    pub shell: PathBuf,
+    /// Whether a switch of user is needed (the agent runs as root and the account has run_as).
+    pub switch: bool,
+}
+
+impl Identity {
+    /// Resolve what `account`'s processes run as: its `run_as` user when the agent is root,
+    /// otherwise the agent's own user.
+    pub fn for_account(account: &Account) -> Result<Identity, ProcessError> {
+        let me = nix::unistd::geteuid();
+        match &account.run_as {
+            Some(name) if me.is_root() => {
+                let user = User::from_name(name)
+                    .map_err(ProcessError::Lookup)?
+                    .ok_or_else(|| ProcessError::NoSuchUser {
+                        account: account.name.clone(),
+                        user: name.clone(),
+                    })?;
+                let cname =
+                    CString::new(name.as_bytes()).map_err(|_| ProcessError::NoSuchUser {
+                        account: account.name.clone(),
+                        user: name.clone(),
+                    })?;
+                let groups =
+                    nix::unistd::getgrouplist(&cname, user.gid).map_err(ProcessError::Lookup)?;
+                Ok(Identity::from_user(user, groups, true))
+            }
+            Some(name)
+                if User::from_uid(me).ok().flatten().map(|u| u.name) != Some(name.clone()) =>
+            {
+                Err(ProcessError::CannotSwitch {
+                    account: account.name.clone(),
+                    user: name.clone(),
+                })
+            }
+            _ => {
+                let user = User::from_uid(me).map_err(ProcessError::Lookup)?;
+                Ok(match user {
+                    Some(user) => {
+                        let groups = nix::unistd::getgroups().unwrap_or_default();
+                        Identity::from_user(user, groups, false)
+                    }
+                    None => Identity {
+                        user: me.to_string(),
+                        uid: me,
+                        gid: nix::unistd::getegid(),
+                        groups: Vec::new(),
+                        home: crate::paths::home_dir(),
+                        shell: PathBuf::from("/bin/sh"),
+                        switch: false,
+                    },
+                })
+            }
+        }
+    }
+
+    fn from_user(user: User, groups: Vec<Gid>, switch: bool) -> Identity {
+        let shell = if user.shell.as_os_str().is_empty() {
+            PathBuf::from("/bin/sh")
+        } else {
+            user.shell.clone()
+        };
+        Identity {
+            user: user.name,
+            uid: user.uid,
+            gid: user.gid,
+            groups,
+            home: user.dir,
+            shell,
+            switch,
+        }
+    }
+
+    /// Working directory for new processes: the home directory if it exists, else `/`.
+    pub fn workdir(&self) -> PathBuf {
+        if self.home.is_dir() {
+            self.home.clone()
+        } else {
+            PathBuf::from("/")
+        }
+    }
+
+    /// The base environment of a login, like sshd's: HOME, USER, LOGNAME, SHELL, PATH.
+    pub fn base_env(&self) -> Vec<(String, String)> {
+        let path = if self.uid.is_root() {
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        } else {
+            "/usr/local/bin:/usr/bin:/bin:/usr/games"
+        };
+        vec![
+            ("HOME".into(), self.home.to_string_lossy().into_owned()),
+            ("USER".into(), self.user.clone()),
+            ("LOGNAME".into(), self.user.clone()),
+            ("SHELL".into(), self.shell.to_string_lossy().into_owned()),
+            ("PATH".into(), path.into()),
+        ]
+    }
+
+    /// A closure for `pre_exec` that drops to this identity: supplementary groups, then gid,
+    /// then uid (in that order; nothing here allocates or takes locks).
+    fn drop_privileges(&self) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+        let (switch, uid, gid, groups) = (self.switch, self.uid, self.gid, self.groups.clone());
+        move || {
+            if switch {
+                nix::unistd::setgroups(&groups)?;
+                nix::unistd::setgid(gid)?;
+                nix::unistd::setuid(uid)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// What to run: a command line through the user's shell (`shell -c LINE`), the user's login
+/// shell, or a program with arguments and no shell.
+#[derive(Debug, Clone)]
+pub enum Program {
+    ShellCommand(String),
+    LoginShell,
+    Exec(PathBuf, Vec<String>),
+}
+
+/// A complete description of a process to start.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub program: Program,
+    pub env: Vec<(String, String)>,
+}
+
+impl Spec {
+    fn argv(&self, identity: &Identity) -> (PathBuf, Option<String>, Vec<String>) {
+        match &self.program {
+            Program::ShellCommand(line) => (
+                identity.shell.clone(),
+                None,
+                vec!["-c".into(), line.clone()],
+            ),
+            Program::LoginShell => {
+                let base = identity
+                    .shell
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "sh".into());
+                (identity.shell.clone(), Some(format!("-{base}")), Vec::new())
+            }
+            Program::Exec(path, args) => (path.clone(), None, args.clone()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.program {
+            Program::ShellCommand(_) | Program::LoginShell => "the user's shell".into(),
+            Program::Exec(p, _) => p.display().to_string(),
+        }
+    }
+}
+
+/// Start `spec` as `identity` with stdin/stdout/stderr on pipes. The child leads its own
+/// process group, so a signal can reach everything it started.
+pub fn spawn_piped(
+    identity: &Identity,
+    spec: &Spec,
+) -> Result<tokio::process::Child, ProcessError> {
+    let (program, arg0, args) = spec.argv(identity);
+    let mut cmd = tokio::process::Command::new(&program);
+    if let Some(arg0) = arg0 {
+        cmd.arg0(arg0);
+    }
+    cmd.args(args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(identity.workdir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(false);
+    let mut drop_privs = identity.drop_privileges();
+    // SAFETY: the closure only calls async-signal-safe system calls (setsid, setgroups,
+    // setgid, setuid) and does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid()?;
+            reset_signals();
+            drop_privs()
+        });
+    }
+    cmd.spawn().map_err(|source| ProcessError::Spawn {
+        what: spec.describe(),
+        source,
+    })
+}
+
+/// A process running on a pseudo-terminal.
+pub struct PtyProcess {
+    pub child: tokio::process::Child,
+    pub pty: pty_process::Pty,
+    /// Path of the terminal's slave side, e.g. `/dev/pts/3`.
+    pub tty_path: String,
+}
+
+/// Terminal settings requested by the client.
+#[derive(Debug, Clone)]
+pub struct PtySettings {
+    pub term: String,
+    pub rows: u16,
+    pub cols: u16,
+    pub modes: Vec<(russh::Pty, u32)>,
+}
+
+/// Start `spec` as `identity` on a new pseudo-terminal sized and moded as `settings` ask.
+/// The terminal device is handed to the user, as login(1) does.
+pub fn spawn_pty(
+    identity: &Identity,
+    spec: &Spec,
+    settings: &PtySettings,
+) -> Result<PtyProcess, ProcessError> {
+    let (pty, pts) = pty_process::open().map_err(|e| ProcessError::Pty(e.to_string()))?;
+    pty.resize(pty_process::Size::new(
+        settings.rows.max(1),
+        settings.cols.max(1),
+    ))
+    .map_err(|e| ProcessError::Pty(e.to_string()))?;
+    crate::ssh::pty_modes::apply(&pts, &settings.modes);
+    let tty_path = std::fs::read_link(format!("/proc/self/fd/{}", pts.as_raw_fd()))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if identity.switch && !tty_path.is_empty() {
+        // Like login(1): the terminal belongs to the user and is not readable by others.
+        let _ = nix::unistd::chown(tty_path.as_str(), Some(identity.uid), Some(identity.gid));
+        let _ = nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            tty_path.as_str(),
+            nix::sys::stat::Mode::from_bits_truncate(0o620),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        );
+    }
+    let (program, arg0, args) = spec.argv(identity);
+    let mut env = spec.env.clone();
+    env.push(("TERM".into(), settings.term.clone()));
+    if !tty_path.is_empty() {
+        env.push(("SSH_TTY".into(), tty_path.clone()));
+    }
+    let mut cmd = pty_process::Command::new(&program)
+        .args(args)
+        .env_clear()
+        .envs(env)
+        .current_dir(identity.workdir())
+        .kill_on_drop(false);
+    if let Some(arg0) = arg0 {
+        cmd = cmd.arg0(arg0);
+    }
+    let mut drop_privs = identity.drop_privileges();
+    // SAFETY: as in spawn_piped; pty-process runs setsid + TIOCSCTTY before this closure.
+    cmd = unsafe {
+        cmd.pre_exec(move || {
+            reset_signals();
+            drop_privs()
+        })
+    };
+    let child = cmd.spawn(pts).map_err(|e| ProcessError::Spawn {
+        what: spec.describe(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(PtyProcess {
+        child,
+        pty,
+        tty_path,
+    })
+}
+
+/// Children must not inherit the agent's signal dispositions (tokio and the runtime may have
+/// changed SIGPIPE): restore the defaults and an empty mask.
+fn reset_signals() {
+    // SAFETY: signal() and sigprocmask() are async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
+        libc::signal(libc::SIGHUP, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Send `signal` to the process group led by `pid` (falling back to the process alone).
+pub fn signal_group(pid: u32, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    if nix::sys::signal::killpg(pid, signal).is_err() {
+        let _ = nix::sys::signal::kill(pid, signal);
+    }
+}
+
+/// Send `signal` to one process.
+pub fn signal_process(pid: u32, signal: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+}

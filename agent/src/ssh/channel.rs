@@ -1,0 +1,315 @@
+//! One SSH session channel's process: starting it on pipes or a pty, copying the client's
+//! input to it and its output back (stdout as data, stderr as extended data), and reporting
+//! how it ended (`exit-status`, or `exit-signal` when a signal killed it). Input reaches the
+//! process through a bounded queue, so a process that does not read its input slows the
+//! client down instead of filling the agent's memory.
+
+use std::os::unix::process::ExitStatusExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use nix::sys::signal::Signal;
+use russh::server::Handle;
+use russh::{ChannelId, Sig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::process::{self, Identity, ProcessError, PtySettings, Spec};
+
+/// Queued input messages per channel (each at most one SSH packet, 32 KiB).
+const INPUT_QUEUE: usize = 64;
+/// Output read size.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// What the client sends towards a running process, in order.
+#[derive(Debug)]
+pub enum Input {
+    Data(Bytes),
+    Eof,
+    Resize { rows: u16, cols: u16 },
+}
+
+/// A process attached to a channel. Dropping it (channel closed, connection lost) hangs up
+/// on the process group if the process is still running.
+pub struct Running {
+    input: mpsc::Sender<Input>,
+    pid: Option<u32>,
+    exited: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// Queue input for the process; waits while the queue is full (backpressure).
+    pub async fn send(&self, input: Input) {
+        // A closed queue means the process is gone; its input is discarded, like a pipe's.
+        let _ = self.input.send(input).await;
+    }
+
+    /// Deliver a signal requested by the client to the process group.
+    pub fn signal(&self, sig: &Sig) -> bool {
+        match (self.pid, to_signal(sig)) {
+            (Some(pid), Some(signal)) if !self.exited.load(Ordering::Acquire) => {
+                process::signal_group(pid, signal);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid
+            && !self.exited.load(Ordering::Acquire)
+        {
+            process::signal_group(pid, Signal::SIGHUP);
+        }
+    }
+}
+
+/// Start `spec` for channel `id` and wire it to the connection behind `handle`.
+pub fn start(
+    handle: Handle,
+    id: ChannelId,
+    identity: &Identity,
+    spec: &Spec,
+    pty: Option<&PtySettings>,
+    shutdown: CancellationToken,
+) -> Result<Running, ProcessError> {
+    let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+    let exited = Arc::new(AtomicBool::new(false));
+    let pid = match pty {
+        None => {
+            let mut child = process::spawn_piped(identity, spec)?;
+            let pid = child.id();
+            let stdin = child.stdin.take();
+            tokio::spawn(write_input(rx, stdin));
+            tokio::spawn(pump_piped(handle, id, child, exited.clone(), shutdown));
+            pid
+        }
+        Some(settings) => {
+            let p = process::spawn_pty(identity, spec, settings)?;
+            let pid = p.child.id();
+            let (reader, writer) = p.pty.into_split();
+            tokio::spawn(write_pty_input(rx, writer));
+            tokio::spawn(pump_pty(
+                handle,
+                id,
+                p.child,
+                reader,
+                exited.clone(),
+                shutdown,
+            ));
+            pid
+        }
+    };
+    Ok(Running {
+        input: tx,
+        pid,
+        exited,
+    })
+}
+
+/// Copy queued input to the child's stdin. After a write error (the child closed its stdin)
+/// keep draining the queue so the connection never waits on a reader that is gone.
+async fn write_input(mut rx: mpsc::Receiver<Input>, mut stdin: Option<tokio::process::ChildStdin>) {
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            Input::Data(data) => {
+                if let Some(w) = stdin.as_mut()
+                    && w.write_all(&data).await.is_err()
+                {
+                    stdin = None;
+                }
+            }
+            Input::Eof => stdin = None,
+            Input::Resize { .. } => {}
+        }
+    }
+}
+
+async fn write_pty_input(mut rx: mpsc::Receiver<Input>, mut writer: pty_process::OwnedWritePty) {
+    let mut broken = false;
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            Input::Data(data) if !broken => broken = writer.write_all(&data).await.is_err(),
+            Input::Resize { rows, cols } => {
+                let _ = writer.resize(pty_process::Size::new(rows.max(1), cols.max(1)));
+            }
+            // A terminal has no half-close; EOF from the client changes nothing (as in sshd).
+            _ => {}
+        }
+    }
+}
+
+/// Read one chunk into a fresh buffer; `None` at end of stream or on error.
+async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R) -> Option<Bytes> {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    match r.read_buf(&mut buf).await {
+        Ok(0) | Err(_) => None,
+        Ok(_) => Some(buf.freeze()),
+    }
+}
+
+async fn pump_piped(
+    handle: Handle,
+    id: ChannelId,
+    mut child: tokio::process::Child,
+    exited: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    let pid = child.id();
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let mut status = None;
+    let mut hung_up = false;
+    // Like sshd, the channel ends when the process has exited and both pipes are closed.
+    while stdout.is_some() || stderr.is_some() || status.is_none() {
+        tokio::select! {
+            chunk = async { read_chunk(stdout.as_mut()?).await }, if stdout.is_some() => match chunk {
+                Some(data) => if handle.data(id, data).await.is_err() { break },
+                None => stdout = None,
+            },
+            chunk = async { read_chunk(stderr.as_mut()?).await }, if stderr.is_some() => match chunk {
+                Some(data) => if handle.extended_data(id, 1, data).await.is_err() { break },
+                None => stderr = None,
+            },
+            st = child.wait(), if status.is_none() => {
+                exited.store(true, Ordering::Release);
+                status = Some(st);
+            }
+            () = shutdown.cancelled(), if !hung_up => {
+                hung_up = true;
+                if let Some(pid) = pid { process::signal_group(pid, Signal::SIGHUP) }
+            }
+        }
+    }
+    finish(&handle, id, status.and_then(Result::ok)).await;
+}
+
+async fn pump_pty(
+    handle: Handle,
+    id: ChannelId,
+    mut child: tokio::process::Child,
+    mut reader: pty_process::OwnedReadPty,
+    exited: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    let pid = child.id();
+    let mut hung_up = false;
+    let mut open = true;
+    let status = loop {
+        tokio::select! {
+            chunk = read_chunk(&mut reader), if open => match chunk {
+                Some(data) => if handle.data(id, data).await.is_err() { open = false },
+                // EIO: every holder of the terminal closed it; the shell is about to exit.
+                None => open = false,
+            },
+            st = child.wait() => {
+                exited.store(true, Ordering::Release);
+                break st.ok();
+            }
+            () = shutdown.cancelled(), if !hung_up => {
+                hung_up = true;
+                if let Some(pid) = pid { process::signal_group(pid, Signal::SIGHUP) }
+            }
+        }
+    };
+    // Drain what the shell wrote just before exiting; background jobs that keep the
+    // terminal open do not hold the channel (as with sshd).
+    while open {
+        match tokio::time::timeout(Duration::from_millis(100), read_chunk(&mut reader)).await {
+            Ok(Some(data)) => open = handle.data(id, data).await.is_ok(),
+            _ => open = false,
+        }
+    }
+    finish(&handle, id, status).await;
+}
+
+/// EOF, then `exit-status` or `exit-signal`, then close — the order sshd uses.
+async fn finish(handle: &Handle, id: ChannelId, status: Option<std::process::ExitStatus>) {
+    let _ = handle.eof(id).await;
+    if let Some(st) = status {
+        if let Some(code) = st.code() {
+            let _ = handle.exit_status_request(id, code as u32).await;
+        } else if let Some(sig) = st.signal() {
+            let _ = handle
+                .exit_signal_request(
+                    id,
+                    from_signal(sig),
+                    st.core_dumped(),
+                    String::new(),
+                    String::new(),
+                )
+                .await;
+        }
+    }
+    let _ = handle.close(id).await;
+}
+
+/// SSH signal name (RFC 4254 §6.10) for a signal number.
+pub fn from_signal(sig: i32) -> Sig {
+    match Signal::try_from(sig) {
+        Ok(Signal::SIGABRT) => Sig::ABRT,
+        Ok(Signal::SIGALRM) => Sig::ALRM,
+        Ok(Signal::SIGFPE) => Sig::FPE,
+        Ok(Signal::SIGHUP) => Sig::HUP,
+        Ok(Signal::SIGILL) => Sig::ILL,
+        Ok(Signal::SIGINT) => Sig::INT,
+        Ok(Signal::SIGKILL) => Sig::KILL,
+        Ok(Signal::SIGPIPE) => Sig::PIPE,
+        Ok(Signal::SIGQUIT) => Sig::QUIT,
+        Ok(Signal::SIGSEGV) => Sig::SEGV,
+        Ok(Signal::SIGTERM) => Sig::TERM,
+        Ok(Signal::SIGUSR1) => Sig::USR1,
+        Ok(other) => Sig::Custom(other.as_str().trim_start_matches("SIG").to_string()),
+        Err(_) => Sig::Custom(format!("SIG{sig}")),
+    }
+}
+
+/// The signal a client asks for, if it names one we deliver.
+pub fn to_signal(sig: &Sig) -> Option<Signal> {
+    Some(match sig {
+        Sig::ABRT => Signal::SIGABRT,
+        Sig::ALRM => Signal::SIGALRM,
+        Sig::FPE => Signal::SIGFPE,
+        Sig::HUP => Signal::SIGHUP,
+        Sig::ILL => Signal::SIGILL,
+        Sig::INT => Signal::SIGINT,
+        Sig::KILL => Signal::SIGKILL,
+        Sig::PIPE => Signal::SIGPIPE,
+        Sig::QUIT => Signal::SIGQUIT,
+        Sig::SEGV => Signal::SIGSEGV,
+        Sig::TERM => Signal::SIGTERM,
+        Sig::USR1 => Signal::SIGUSR1,
+        Sig::Custom(name) => match name.as_str() {
+            "USR2" => Signal::SIGUSR2,
+            "CONT" => Signal::SIGCONT,
+            "STOP" => Signal::SIGSTOP,
+            "TSTP" => Signal::SIGTSTP,
+            "WINCH" => Signal::SIGWINCH,
+            _ => return None,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_names_round_trip() {
+        for s in [
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGKILL,
+            Signal::SIGUSR2,
+        ] {
+            assert_eq!(to_signal(&from_signal(s as i32)), Some(s));
+        }
+        assert!(matches!(from_signal(Signal::SIGTERM as i32), Sig::TERM));
+        assert_eq!(to_signal(&Sig::Custom("BOGUS".into())), None);
+    }
+}

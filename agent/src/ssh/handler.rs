@@ -1,0 +1,492 @@
+//! One SSH connection: authentication against the agent's accounts, and the session-channel
+//! requests (pty-req, env, shell, exec, subsystem, window-change, signal) that configure and
+//! start a process. Forwarding of ports, agents and X11 is refused.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use russh::keys::PublicKey;
+use russh::server::ChannelOpenHandle;
+use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Pty, Sig};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::Shared;
+use super::channel::{self, Input, Running};
+use crate::accounts::{self, Account};
+use crate::process::{Identity, Program, PtySettings, Spec};
+
+/// Most `env` requests honoured per channel, and longest accepted value.
+const MAX_ENV: usize = 64;
+const MAX_ENV_VALUE: usize = 4096;
+/// Most session channels open at once on one connection (sshd's MaxSessions is 10).
+const MAX_CHANNELS: usize = 64;
+
+/// Environment variables a client may set, as sshd's usual `AcceptEnv LANG LC_*`.
+fn env_allowed(name: &str, extra: &[String]) -> bool {
+    matches!(
+        name,
+        "LANG" | "TERM" | "TZ" | "COLORTERM" | "NO_COLOR" | "LANGUAGE"
+    ) || name.starts_with("LC_")
+        || extra.iter().any(|e| e == name)
+}
+
+struct Login {
+    account: Account,
+    identity: Identity,
+}
+
+#[derive(Default)]
+struct ChannelState {
+    env: Vec<(String, String)>,
+    pty: Option<PtySettings>,
+    running: Option<Running>,
+}
+
+pub struct Connection {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    authenticated: Arc<AtomicBool>,
+    startup_permit: Option<OwnedSemaphorePermit>,
+    failures: u32,
+    login: Option<Login>,
+    channels: HashMap<ChannelId, ChannelState>,
+}
+
+impl Connection {
+    pub fn new(
+        shared: Arc<Shared>,
+        peer: SocketAddr,
+        local: SocketAddr,
+        authenticated: Arc<AtomicBool>,
+        startup_permit: OwnedSemaphorePermit,
+    ) -> Self {
+        Connection {
+            shared,
+            peer,
+            local,
+            authenticated,
+            startup_permit: Some(startup_permit),
+            failures: 0,
+            login: None,
+            channels: HashMap::new(),
+        }
+    }
+
+    /// Accept `account`: resolve who its processes run as, or refuse when that is impossible.
+    fn accept(&mut self, account: Account, method: &str) -> Auth {
+        match Identity::for_account(&account) {
+            Ok(identity) => {
+                tracing::info!(peer = %self.peer, account = %account.name, os_user = %identity.user, "accepted {method}");
+                self.shared.throttle.success(self.peer.ip());
+                self.authenticated.store(true, Ordering::Release);
+                self.startup_permit = None;
+                self.login = Some(Login { account, identity });
+                Auth::Accept
+            }
+            Err(e) => {
+                tracing::error!(peer = %self.peer, account = %account.name, "login refused: {e}");
+                retry()
+            }
+        }
+    }
+
+    async fn reject(&mut self, user: &str, why: &str) -> Auth {
+        self.failures += 1;
+        let delay = self.shared.throttle.failure(self.peer.ip(), self.failures);
+        tracing::warn!(peer = %self.peer, user = %user, attempt = self.failures, "authentication failed: {why}");
+        tokio::time::sleep(delay).await;
+        retry()
+    }
+
+    fn base_env(&self, identity: &Identity) -> Vec<(String, String)> {
+        let mut env = identity.base_env();
+        let (p, l) = (self.peer, self.local);
+        env.push((
+            "SSH_CONNECTION".into(),
+            format!("{} {} {} {}", p.ip(), p.port(), l.ip(), l.port()),
+        ));
+        env.push((
+            "SSH_CLIENT".into(),
+            format!("{} {} {}", p.ip(), p.port(), l.port()),
+        ));
+        env
+    }
+
+    /// Start `program` on `id`; replies success or failure on the channel.
+    fn start(
+        &mut self,
+        id: ChannelId,
+        program: Program,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let Some(login) = self.login.as_ref() else {
+            return session.channel_failure(id);
+        };
+        let mut env = self.base_env(&login.identity);
+        let Some(state) = self.channels.get_mut(&id) else {
+            return session.channel_failure(id);
+        };
+        if state.running.is_some() {
+            tracing::debug!(peer = %self.peer, "second shell/exec/subsystem on one channel refused");
+            return session.channel_failure(id);
+        }
+        env.extend(state.env.iter().cloned());
+        let spec = Spec { program, env };
+        match channel::start(
+            session.handle(),
+            id,
+            &login.identity,
+            &spec,
+            state.pty.as_ref(),
+            self.shared.shutdown.clone(),
+        ) {
+            Ok(running) => {
+                state.running = Some(running);
+                session.channel_success(id)
+            }
+            Err(e) => {
+                tracing::error!(peer = %self.peer, account = %login.account.name, "{e}");
+                let _ = session.extended_data(id, 1, format!("remote-agent: {e}\r\n"));
+                session.channel_failure(id)
+            }
+        }
+    }
+}
+
+impl russh::server::Handler for Connection {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        Ok(retry())
+    }
+
+    async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        let account = self.shared.accounts.get(user);
+        let password = password.to_string();
+        let hash = account.as_ref().and_then(|a| a.password_hash.clone());
+        // Verify even for unknown users, so timing does not tell which names exist.
+        let ok = tokio::task::spawn_blocking(move || match hash {
+            Some(h) => accounts::verify_password(&password, &h),
+            None => {
+                let _ = accounts::verify_password(&password, dummy_hash());
+                false
+            }
+        })
+        .await
+        .unwrap_or(false);
+        match account {
+            Some(account) if ok => Ok(self.accept(account, "password")),
+            Some(_) => Ok(self.reject(user, "wrong password").await),
+            None => Ok(self.reject(user, "no such account").await),
+        }
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // A probe for a key we would not accept is not counted as a failure (as in sshd).
+        let known = self
+            .shared
+            .accounts
+            .get(user)
+            .is_some_and(|a| a.has_key(offer.public_key));
+        Ok(if known { Auth::Accept } else { retry() })
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let public: &PublicKey = key.public_key;
+        match self.shared.accounts.get(user) {
+            Some(account) if account.has_key(public) => {
+                let fp = public.fingerprint(Default::default());
+                Ok(self.accept(account, &format!("publickey {fp}")))
+            }
+            _ => Ok(self
+                .reject(user, "key not authorized for this account")
+                .await),
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Everything arrives through the handler callbacks; the channel object is not used.
+        let id = channel.id();
+        drop(channel);
+        if self.login.is_none() {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+        } else if self.channels.len() >= MAX_CHANNELS {
+            tracing::warn!(peer = %self.peer, "session channel refused: {MAX_CHANNELS} already open");
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+        } else {
+            self.channels.insert(id, ChannelState::default());
+            reply.accept().await;
+        }
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        drop(channel);
+        tracing::info!(peer = %self.peer, "port forwarding to {host}:{port} refused: forwarding is not enabled on this agent");
+        reply
+            .reject(ChannelOpenFailure::Other {
+                code: 1,
+                reason: "port forwarding is disabled on this remote-agent".into(),
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        tracing::info!(peer = %self.peer, "remote port forwarding {address}:{port} refused: not enabled on this agent");
+        Ok(false)
+    }
+
+    async fn agent_request(
+        &mut self,
+        _id: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        tracing::info!(peer = %self.peer, "agent forwarding refused: not enabled on this agent");
+        Ok(false)
+    }
+
+    async fn x11_request(
+        &mut self,
+        id: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(id)
+    }
+
+    async fn pty_request(
+        &mut self,
+        id: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        modes: &[(Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(state) = self.channels.get_mut(&id).filter(|s| s.running.is_none()) else {
+            return session.channel_failure(id);
+        };
+        let term =
+            if term.is_empty() || term.len() > 64 || !term.chars().all(|c| c.is_ascii_graphic()) {
+                "xterm".to_string()
+            } else {
+                term.to_string()
+            };
+        state.pty = Some(PtySettings {
+            term,
+            rows: clamp_dim(row_height, 24),
+            cols: clamp_dim(col_width, 80),
+            modes: modes.to_vec(),
+        });
+        session.channel_success(id)
+    }
+
+    async fn env_request(
+        &mut self,
+        id: ChannelId,
+        name: &str,
+        value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let extra = &self.shared.settings.accept_env;
+        let Some(state) = self.channels.get_mut(&id).filter(|s| s.running.is_none()) else {
+            return session.channel_failure(id);
+        };
+        if !env_allowed(name, extra)
+            || value.len() > MAX_ENV_VALUE
+            || value.contains('\0')
+            || state.env.len() >= MAX_ENV
+        {
+            tracing::debug!(peer = %self.peer, "env {name} refused");
+            return session.channel_failure(id);
+        }
+        state.env.retain(|(k, _)| k != name);
+        state.env.push((name.to_string(), value.to_string()));
+        session.channel_success(id)
+    }
+
+    async fn shell_request(
+        &mut self,
+        id: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.start(id, Program::LoginShell, session)
+    }
+
+    async fn exec_request(
+        &mut self,
+        id: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let line = String::from_utf8_lossy(data).into_owned();
+        if let Some(login) = &self.login {
+            tracing::info!(peer = %self.peer, account = %login.account.name, "exec {:?}", truncate(&line, 200));
+        }
+        self.start(id, Program::ShellCommand(line), session)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        id: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match name {
+            "sftp" => {
+                // Like sshd's sftp-server: a separate process running as the user.
+                let exe = self.shared.self_exe.clone();
+                if let Some(state) = self.channels.get_mut(&id) {
+                    state.pty = None;
+                }
+                self.start(id, Program::Exec(exe, vec!["sftp-server".into()]), session)
+            }
+            other => {
+                tracing::info!(peer = %self.peer, "unknown subsystem {other:?} refused");
+                session.channel_failure(id)
+            }
+        }
+    }
+
+    async fn window_change_request(
+        &mut self,
+        id: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(state) = self.channels.get_mut(&id) {
+            let (rows, cols) = (clamp_dim(row_height, 24), clamp_dim(col_width, 80));
+            if let Some(pty) = state.pty.as_mut() {
+                pty.rows = rows;
+                pty.cols = cols;
+            }
+            if let Some(running) = &state.running {
+                running.send(Input::Resize { rows, cols }).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn signal(
+        &mut self,
+        id: ChannelId,
+        signal: Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(running) = self.channels.get(&id).and_then(|s| s.running.as_ref())
+            && !running.signal(&signal)
+        {
+            tracing::debug!(peer = %self.peer, "signal {signal:?} not delivered");
+        }
+        Ok(())
+    }
+
+    async fn data(
+        &mut self,
+        id: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(running) = self.channels.get(&id).and_then(|s| s.running.as_ref()) {
+            running
+                .send(Input::Data(bytes::Bytes::copy_from_slice(data)))
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        id: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(running) = self.channels.get(&id).and_then(|s| s.running.as_ref()) {
+            running.send(Input::Eof).await;
+        }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        id: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.remove(&id);
+        Ok(())
+    }
+}
+
+/// A refusal that leaves both methods open for another try (as sshd does, up to
+/// max_auth_tries); russh would otherwise drop the method that just failed.
+fn retry() -> Auth {
+    Auth::Reject {
+        proceed_with_methods: Some(MethodSet::from(
+            &[MethodKind::PublicKey, MethodKind::Password][..],
+        )),
+        partial_success: false,
+    }
+}
+
+fn clamp_dim(v: u32, default: u16) -> u16 {
+    match v {
+        0 => default,
+        v => v.min(u16::MAX as u32) as u16,
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// A fixed argon2id hash to verify against when the account does not exist.
+fn dummy_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        accounts::hash_password("remote-agent timing equaliser").unwrap_or_default()
+    })
+}

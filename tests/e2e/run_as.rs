@@ -1,0 +1,130 @@
+//! As root, an account with `run_as` runs everything as that OS user: commands, terminals
+//! and SFTP. Needs root (CI runs as root); elsewhere the test says so and does nothing.
+
+use std::process::Command;
+use std::time::Duration;
+
+use remote_tests::*;
+
+const OS_USER: &str = "remote-test-runas";
+const T: Duration = Duration::from_secs(60);
+
+fn ensure_os_user() {
+    let exists = Command::new("id")
+        .arg(OS_USER)
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if !exists {
+        let st = Command::new(require_tool("useradd", "passwd"))
+            .args(["--create-home", "--shell", "/bin/sh", OS_USER])
+            .status()
+            .unwrap();
+        assert!(st.success(), "useradd failed");
+    }
+}
+
+#[test]
+fn run_as_account_runs_as_that_os_user() {
+    if !is_root() {
+        eprintln!("run_as_account_runs_as_that_os_user: NOT RUN — needs root (CI runs as root)");
+        return;
+    }
+    ensure_os_user();
+    let agent = Agent::start();
+    let key = agent.key("carol_key");
+    agent.user(
+        &[
+            "add",
+            "carol",
+            "--authorized-key",
+            &key.public.to_string_lossy(),
+            "--run-as",
+            OS_USER,
+        ],
+        None,
+    );
+    let out = run_with_timeout(
+        agent.ssh("carol", &key).arg(
+            "id -un; echo $HOME; touch made-by-carol; stat -c %U made-by-carol; id -G | wc -w",
+        ),
+        None,
+        T,
+    );
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.first().copied(),
+        Some(OS_USER),
+        "{text}{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        lines.get(1).copied(),
+        Some(format!("/home/{OS_USER}").as_str())
+    );
+    assert_eq!(lines.get(2).copied(), Some(OS_USER), "file owner");
+    // Supplementary groups are the user's, not root's.
+    let root_in_groups = run_with_timeout(agent.ssh("carol", &key).arg("id -G"), None, T);
+    assert!(
+        !stdout(&root_in_groups).split_whitespace().any(|g| g == "0"),
+        "kept root's group"
+    );
+
+    // A terminal belongs to the user too.
+    let out = run_with_timeout(
+        agent
+            .ssh("carol", &key)
+            .arg("-tt")
+            .arg("id -un; stat -c %U $(tty)"),
+        None,
+        T,
+    );
+    let text = stdout(&out);
+    assert!(
+        text.lines().filter(|l| l.trim() == OS_USER).count() >= 2,
+        "{text}"
+    );
+
+    // SFTP runs as the user: an uploaded file belongs to them, and root's files are closed.
+    let local = agent.dir.path().join("up.txt");
+    std::fs::write(&local, "hello").unwrap();
+    let batch = agent.dir.path().join("batch");
+    std::fs::write(&batch, format!("put {} sftp-up.txt\n", local.display())).unwrap();
+    let mut opts = ssh_options(agent.port());
+    let p = opts.iter().position(|o| o == "-p").unwrap();
+    opts[p] = "-P".into();
+    let out = run_with_timeout(
+        Command::new(require_tool("sftp", "openssh-client"))
+            .args(opts)
+            .args(["-o", "BatchMode=yes", "-i"])
+            .arg(&key.private)
+            .arg("-b")
+            .arg(&batch)
+            .arg("carol@127.0.0.1"),
+        None,
+        T,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let uploaded = format!("/home/{OS_USER}/sftp-up.txt");
+    let owner = Command::new("stat")
+        .args(["-c", "%U", &uploaded])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&owner.stdout).trim(), OS_USER);
+    let denied = run_with_timeout(
+        agent
+            .ssh("carol", &key)
+            .arg("cat /root/.bashrc /etc/shadow"),
+        None,
+        T,
+    );
+    assert!(
+        stderr(&denied).contains("Permission denied"),
+        "{}",
+        stderr(&denied)
+    );
+    let _ = std::fs::remove_file(&uploaded);
+    let _ = std::fs::remove_file(format!("/home/{OS_USER}/made-by-carol"));
+}

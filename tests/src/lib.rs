@@ -1,0 +1,438 @@
+//! Test harness for end-to-end tests: finds the built binaries, starts a private agent on
+//! 127.0.0.1 with its own state directory, creates accounts and client keys, and builds
+//! OpenSSH command lines against it. Everything started here is stopped on drop.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary built next to this test executable (target/debug/NAME).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/test-hash -> target/debug
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace` first (./tests/run does)",
+        path.display()
+    );
+    path
+}
+
+/// Find a program on PATH, or fail the test with what to install.
+pub fn require_tool(name: &str, package: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    for dir in ["/usr/sbin", "/sbin"] {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("{name} is not installed: apt-get install {package} (./tests/run and .ci/run do this)");
+}
+
+/// The Python interpreter of the tests' own environment (pinned paramiko etc.).
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("REMOTE_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let target = exe.ancestors().nth(3).expect("target dir");
+    let p = target.join("test-venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} missing: create it with ./tests/run (python3 -m venv + pinned requirements from tests/interop/requirements.txt)",
+        p.display()
+    );
+    p
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A client key pair made with ssh-keygen.
+pub struct ClientKey {
+    pub private: PathBuf,
+    pub public: PathBuf,
+}
+
+impl ClientKey {
+    pub fn generate(dir: &Path, name: &str) -> ClientKey {
+        let private = dir.join(name);
+        let status = Command::new(require_tool("ssh-keygen", "openssh-client"))
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(&private)
+            .status()
+            .expect("ssh-keygen");
+        assert!(status.success());
+        ClientKey {
+            public: private.with_extension("pub"),
+            private,
+        }
+    }
+}
+
+/// Options for a test agent.
+#[derive(Clone)]
+pub struct AgentOptions {
+    /// Extra TOML appended to the config file (e.g. `[ssh]` limits).
+    pub config: String,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            config: "[ssh]\n".into(),
+        }
+    }
+}
+
+/// A running `remote-agent run` on 127.0.0.1 with a private state dir.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub state_dir: PathBuf,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    log: mpsc::Receiver<String>,
+    log_lines: Vec<String>,
+}
+
+impl Agent {
+    pub fn start() -> Agent {
+        Agent::start_with(AgentOptions::default())
+    }
+
+    pub fn start_with(opts: AgentOptions) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("remote-test-")
+            .tempdir()
+            .expect("tempdir");
+        // Readable by run_as users (their home is elsewhere, but keys and files live here).
+        let _ = std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        );
+        let state_dir = dir.path().join("state");
+        let config = dir.path().join("agent.toml");
+        std::fs::write(&config, &opts.config).expect("write config");
+        let mut child = Command::new(bin("remote-agent"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(["--ssh", "127.0.0.1:0"])
+            .env("REMOTE_AGENT_LOG", "info,russh=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start remote-agent");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut log_lines = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line
+                        .split("ssh listening on ")
+                        .nth(1)
+                        .and_then(|rest| rest.split_whitespace().next())
+                        .and_then(|a| a.parse::<SocketAddr>().ok());
+                    log_lines.push(line);
+                    if let Some(a) = found {
+                        break a;
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "agent did not report its listener; log:\n{}",
+                        log_lines.join("\n")
+                    );
+                }
+            }
+        };
+        Agent {
+            dir,
+            state_dir,
+            addr,
+            child: Some(child),
+            log: rx,
+            log_lines,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Everything the agent logged so far.
+    pub fn log(&mut self) -> String {
+        while let Ok(line) = self.log.try_recv() {
+            self.log_lines.push(line);
+        }
+        self.log_lines.join("\n")
+    }
+
+    /// Wait until the log contains `needle`.
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `remote-agent user ARGS... --state-dir DIR`, with `stdin` fed; panics on failure.
+    pub fn user(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(bin("remote-agent"));
+        cmd.arg("user")
+            .args(args)
+            .arg("--state-dir")
+            .arg(&self.state_dir);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("remote-agent user");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("write");
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "remote-agent user {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Add an account with a password and/or a key.
+    pub fn add_user(&self, name: &str, password: Option<&str>, key: Option<&ClientKey>) {
+        let mut args = vec!["add", name];
+        let key_path;
+        if let Some(k) = key {
+            key_path = k.public.to_string_lossy().into_owned();
+            args.extend(["--authorized-key", &key_path]);
+        }
+        match password {
+            Some(pw) => {
+                args.push("--password-stdin");
+                self.user(&args, Some(&format!("{pw}\n")));
+            }
+            None => {
+                self.user(&args, None);
+            }
+        }
+    }
+
+    /// A new client key in this agent's temp dir.
+    pub fn key(&self, name: &str) -> ClientKey {
+        ClientKey::generate(self.dir.path(), name)
+    }
+
+    /// `ssh` with options that make it deterministic against this agent, authenticating
+    /// with `key`. Append the remote command with `.arg(..)`.
+    pub fn ssh(&self, user: &str, key: &ClientKey) -> Command {
+        let mut cmd = Command::new(require_tool("ssh", "openssh-client"));
+        cmd.args(ssh_options(self.port()))
+            .arg("-o")
+            .arg("BatchMode=yes")
+            .arg("-i")
+            .arg(&key.private)
+            .arg(format!("{user}@127.0.0.1"));
+        cmd
+    }
+
+    /// `ssh` authenticating with a password (through SSH_ASKPASS, no terminal needed).
+    pub fn ssh_password(&self, user: &str, password: &str) -> Command {
+        let askpass = self.dir.path().join(format!("askpass-{}", rand_suffix()));
+        std::fs::write(
+            &askpass,
+            format!(
+                "#!/bin/sh\nprintf '%s\\n' '{}'\n",
+                password.replace('\'', "'\\''")
+            ),
+        )
+        .expect("askpass");
+        std::fs::set_permissions(
+            &askpass,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .expect("chmod");
+        let mut cmd = Command::new(require_tool("ssh", "openssh-client"));
+        cmd.args(ssh_options(self.port()))
+            .args([
+                "-o",
+                "PreferredAuthentications=password",
+                "-o",
+                "PubkeyAuthentication=no",
+            ])
+            .args(["-o", "NumberOfPasswordPrompts=1"])
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("DISPLAY", ":0")
+            .stdin(Stdio::null())
+            .arg(format!("{user}@127.0.0.1"));
+        cmd
+    }
+
+    /// Stop the agent with SIGTERM and return its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Client options shared by ssh, sftp and scp: no user config, no known_hosts, no agent.
+pub fn ssh_options(port: u16) -> Vec<String> {
+    [
+        "-F",
+        "/dev/null",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "IdentityAgent=none",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "ConnectTimeout=10",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(["-p".to_string(), port.to_string()])
+    .collect()
+}
+
+fn rand_suffix() -> String {
+    use rand::RngExt;
+    format!("{:016x}", rand::rng().random::<u64>())
+}
+
+/// Run a command with a timeout; returns its output (stdout, stderr collected).
+pub fn run_with_timeout(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Output {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    if let Some(data) = stdin {
+        let mut w = child.stdin.take().expect("stdin");
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = w.write_all(&data);
+        });
+    }
+    let pid = child.id();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if done_rx.recv_timeout(timeout).is_err() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    });
+    let out = child.wait_with_output().expect("wait");
+    let _ = done_tx.send(());
+    out
+}
+
+/// stdout of an Output as a string.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A file of `size` pseudo-random bytes (fast, deterministic from `seed`).
+pub fn random_file(path: &Path, size: usize, seed: u64) {
+    let mut state = seed | 1;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+    let mut written = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    while written < size {
+        for chunk in buf.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let bytes = state.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+        let n = buf.len().min(size - written);
+        f.write_all(&buf[..n]).expect("write");
+        written += n;
+    }
+    f.flush().expect("flush");
+}
+
+/// Whether two files have identical contents.
+pub fn same_contents(a: &Path, b: &Path) -> bool {
+    let (Ok(x), Ok(y)) = (std::fs::read(a), std::fs::read(b)) else {
+        return false;
+    };
+    x == y
+}
