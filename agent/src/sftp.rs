@@ -48,7 +48,7 @@ pub async fn serve_stdio() -> io::Result<()> {
 }
 
 /// Serve SFTP on `reader`/`writer` until the peer closes `reader` (or the stream breaks).
-async fn serve<R, W>(reader: R, writer: W) -> io::Result<()>
+pub async fn serve<R, W>(reader: R, writer: W) -> io::Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,

@@ -45,11 +45,34 @@ fn exec_reports_death_by_signal() {
         stderr(&out)
     );
     // And the signal's name, read with an SSH library.
-    let (sig, code) = russh_exec(&agent, &key, "alice", "kill -TERM $$");
+    let (sig, code) = russh_exec(&agent, &key, "alice", "kill -TERM $$", None);
     assert_eq!(sig.as_deref(), Some("TERM"));
     assert_eq!(code, None);
-    let (sig, code) = russh_exec(&agent, &key, "alice", "exit 0");
+    let (sig, code) = russh_exec(&agent, &key, "alice", "exit 0", None);
     assert_eq!((sig, code), (None, Some(0)));
+}
+
+#[test]
+fn signal_requests_reach_the_command() {
+    let (agent, key) = agent_with_alice();
+    // `exec` replaces the shell, so the signal lands on sleep itself.
+    let (sig, code) = russh_exec(
+        &agent,
+        &key,
+        "alice",
+        "exec sleep 100",
+        Some(russh::Sig::INT),
+    );
+    assert_eq!((sig.as_deref(), code), (Some("INT"), None));
+    // A shell that traps the signal reports its own exit code.
+    let (sig, code) = russh_exec(
+        &agent,
+        &key,
+        "alice",
+        "trap 'exit 42' USR1; sleep 100 & wait",
+        Some(russh::Sig::USR1),
+    );
+    assert_eq!((sig, code), (None, Some(42)));
 }
 
 #[test]
@@ -138,12 +161,14 @@ fn forwarding_is_refused_with_a_clear_reason() {
     );
 }
 
-/// Run `command` with russh's client; returns (exit signal name, exit status).
+/// Run `command` with russh's client, sending `signal` half a second in; returns
+/// (exit signal name, exit status).
 fn russh_exec(
     agent: &Agent,
     key: &ClientKey,
     user: &str,
     command: &str,
+    signal: Option<russh::Sig>,
 ) -> (Option<String>, Option<u32>) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -172,6 +197,10 @@ fn russh_exec(
         assert!(auth.success());
         let mut channel = session.channel_open_session().await.unwrap();
         channel.exec(true, command).await.unwrap();
+        if let Some(signal) = signal {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            channel.signal(signal).await.unwrap();
+        }
         let (mut sig, mut code) = (None, None);
         while let Some(msg) = channel.wait().await {
             match msg {

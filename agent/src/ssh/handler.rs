@@ -62,14 +62,14 @@ impl Connection {
         peer: SocketAddr,
         local: SocketAddr,
         authenticated: Arc<AtomicBool>,
-        startup_permit: OwnedSemaphorePermit,
+        startup_permit: Option<OwnedSemaphorePermit>,
     ) -> Self {
         Connection {
             shared,
             peer,
             local,
             authenticated,
-            startup_permit: Some(startup_permit),
+            startup_permit,
             failures: 0,
             login: None,
             channels: HashMap::new(),
@@ -168,7 +168,12 @@ impl russh::server::Handler for Connection {
         let account = self.shared.accounts.get(user);
         let password = password.to_string();
         let hash = account.as_ref().and_then(|a| a.password_hash.clone());
-        // Verify even for unknown users, so timing does not tell which names exist.
+        // Verify even for unknown users, so timing does not tell which names exist. Each
+        // argon2id check takes ~19 MiB and tens of ms: a few at a time, whatever the load.
+        let shared = self.shared.clone();
+        let Ok(slot) = shared.password_checks.acquire().await else {
+            return Ok(retry());
+        };
         let ok = tokio::task::spawn_blocking(move || match hash {
             Some(h) => accounts::verify_password(&password, &h),
             None => {
@@ -178,6 +183,7 @@ impl russh::server::Handler for Connection {
         })
         .await
         .unwrap_or(false);
+        drop(slot);
         match account {
             Some(account) if ok => Ok(self.accept(account, "password")),
             Some(_) => Ok(self.reject(user, "wrong password").await),
@@ -360,7 +366,8 @@ impl russh::server::Handler for Connection {
     ) -> Result<(), Self::Error> {
         let line = String::from_utf8_lossy(data).into_owned();
         if let Some(login) = &self.login {
-            tracing::info!(peer = %self.peer, account = %login.account.name, "exec {:?}", truncate(&line, 200));
+            // Command lines can carry secrets: only at debug level (the audit log is separate).
+            tracing::debug!(peer = %self.peer, account = %login.account.name, "exec {:?}", truncate(&line, 200));
         }
         self.start(id, Program::ShellCommand(line), session)
     }

@@ -16,13 +16,24 @@ use std::time::Duration;
 
 use russh::keys::PrivateKey;
 use russh::{MethodKind, MethodSet};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::accounts::AccountDb;
 use crate::config::SshSettings;
+
+/// Ciphers offered, in preference order: OpenSSH's set (russh's default leaves out
+/// aes128-gcm, which OpenSSH clients pick when asked for speed with `-c`).
+const CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_128_GCM,
+    russh::cipher::AES_256_GCM,
+    russh::cipher::AES_128_CTR,
+    russh::cipher::AES_192_CTR,
+    russh::cipher::AES_256_CTR,
+];
 
 /// State shared by every connection of one server.
 pub struct Shared {
@@ -33,6 +44,8 @@ pub struct Shared {
     pub self_exe: std::path::PathBuf,
     /// Cancelled when the agent shuts down; connections then close their channels.
     pub shutdown: CancellationToken,
+    /// Password hashes being checked at once (argon2id is memory-hard by design).
+    pub password_checks: Semaphore,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,27 +59,20 @@ pub enum ServerError {
     },
 }
 
-/// A bound SSH listener, ready to serve.
-pub struct SshServer {
-    listener: TcpListener,
+/// The protocol side of the server, independent of how connections arrive: the russh
+/// configuration and the state shared by all connections.
+pub struct Core {
     config: Arc<russh::server::Config>,
     shared: Arc<Shared>,
 }
 
-impl SshServer {
-    pub async fn bind(
+impl Core {
+    pub fn new(
         settings: SshSettings,
         host_key: PrivateKey,
         accounts: AccountDb,
         shutdown: CancellationToken,
-    ) -> Result<SshServer, ServerError> {
-        let listener =
-            TcpListener::bind(settings.listen)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: settings.listen,
-                    source,
-                })?;
+    ) -> Core {
         let config = russh::server::Config {
             server_id: russh::SshId::Standard(std::borrow::Cow::Owned(format!(
                 "SSH-2.0-remote_agent_{}",
@@ -85,11 +91,14 @@ impl SshServer {
             nodelay: true,
             window_size: 2 * 1024 * 1024,
             event_buffer_size: 32,
+            preferred: russh::Preferred {
+                cipher: std::borrow::Cow::Borrowed(CIPHERS),
+                ..russh::Preferred::DEFAULT
+            },
             ..Default::default()
         };
         let self_exe = std::env::current_exe().unwrap_or_else(|_| "remote-agent".into());
-        Ok(SshServer {
-            listener,
+        Core {
             config: Arc::new(config),
             shared: Arc::new(Shared {
                 accounts,
@@ -97,7 +106,57 @@ impl SshServer {
                 settings,
                 self_exe,
                 shutdown,
+                password_checks: Semaphore::new(4),
             }),
+        }
+    }
+
+    /// Serve one SSH connection on `stream` until it ends. `startup_permit` is held until
+    /// the client authenticates (the max_startups budget).
+    pub async fn serve<S>(
+        &self,
+        stream: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        startup_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        serve_connection(
+            self.config.clone(),
+            self.shared.clone(),
+            stream,
+            peer,
+            local,
+            startup_permit,
+        )
+        .await
+    }
+}
+
+/// A bound SSH listener, ready to serve.
+pub struct SshServer {
+    listener: TcpListener,
+    core: Arc<Core>,
+}
+
+impl SshServer {
+    pub async fn bind(
+        settings: SshSettings,
+        host_key: PrivateKey,
+        accounts: AccountDb,
+        shutdown: CancellationToken,
+    ) -> Result<SshServer, ServerError> {
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
+        Ok(SshServer {
+            listener,
+            core: Arc::new(Core::new(settings, host_key, accounts, shutdown)),
         })
     }
 
@@ -108,11 +167,11 @@ impl SshServer {
     /// Accept connections until shutdown, then close every connection and wait (bounded)
     /// for them to finish.
     pub async fn run(self) {
-        let settings = &self.shared.settings;
+        let settings = &self.core.shared.settings;
         let connections = Arc::new(Semaphore::new(settings.max_connections));
         let startups = Arc::new(Semaphore::new(settings.max_startups));
         let tasks = TaskTracker::new();
-        let shutdown = self.shared.shutdown.clone();
+        let shutdown = self.core.shared.shutdown.clone();
         loop {
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
@@ -135,10 +194,13 @@ impl SshServer {
                 tracing::warn!(%peer, "ssh connection refused: max_startups ({}) unauthenticated connections open", settings.max_startups);
                 continue;
             };
-            let config = self.config.clone();
-            let shared = self.shared.clone();
+            let core = self.core.clone();
             tasks.spawn(async move {
-                serve_connection(config, shared, socket, peer, startup_permit).await;
+                let _ = socket.set_nodelay(true);
+                let local = socket
+                    .local_addr()
+                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                core.serve(socket, peer, local, Some(startup_permit)).await;
                 drop(conn_permit);
             });
         }
@@ -157,17 +219,16 @@ impl SshServer {
     }
 }
 
-async fn serve_connection(
+async fn serve_connection<S>(
     config: Arc<russh::server::Config>,
     shared: Arc<Shared>,
-    socket: TcpStream,
+    socket: S,
     peer: SocketAddr,
-    startup_permit: tokio::sync::OwnedSemaphorePermit,
-) {
-    let local = socket
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let _ = socket.set_nodelay(true);
+    local: SocketAddr,
+    startup_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let authenticated = Arc::new(AtomicBool::new(false));
     let grace = shared.settings.login_grace_time;
     let deadline = tokio::time::Instant::now() + grace;
