@@ -23,6 +23,12 @@ pub enum ConfigError {
         "invalid listen address '{value}' for {what}: use HOST:PORT (e.g. 0.0.0.0:{DEFAULT_SSH_PORT}) or 'off'"
     )]
     Listen { what: &'static str, value: String },
+    #[error("invalid value '{value}' for {what}: {expected}")]
+    Invalid {
+        what: &'static str,
+        value: String,
+        expected: &'static str,
+    },
 }
 
 /// The configuration file as written by people. Every field is optional.
@@ -33,6 +39,28 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     #[serde(default)]
     pub ssh: SshFileConfig,
+    #[serde(default)]
+    pub sessions: SessionsFileConfig,
+    #[serde(default)]
+    pub local: LocalFileConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsFileConfig {
+    /// Journal size per session, MiB (default 64).
+    pub journal_mb: Option<u64>,
+    /// A session with no client for this long is closed (default 7200 = 2 h).
+    pub idle_timeout_secs: Option<u64>,
+    /// `block` (default) or `drop`.
+    pub buffering: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalFileConfig {
+    /// Unix socket for `remote-agent subsystem` (sshd subsystem mode), or `off`.
+    pub socket: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,6 +85,7 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     pub ssh: Option<String>,
     pub name: Option<String>,
+    pub socket: Option<String>,
 }
 
 /// Resolved settings of the SSH listener.
@@ -82,6 +111,9 @@ pub struct AgentConfig {
     pub name: String,
     pub state_dir: PathBuf,
     pub ssh: Option<SshSettings>,
+    pub sessions: crate::session::SessionDefaults,
+    /// The local socket for subsystem mode; `None` when off.
+    pub socket: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -129,10 +161,35 @@ impl FileConfig {
                 accept_env: f.accept_env,
             }),
         };
+        let mut sessions = crate::session::SessionDefaults::default();
+        if let Some(mb) = self.sessions.journal_mb {
+            sessions.journal_bytes = (mb.clamp(1, 1024) as usize) << 20;
+        }
+        if let Some(secs) = self.sessions.idle_timeout_secs {
+            sessions.idle_timeout = Duration::from_secs(secs.max(1));
+        }
+        match self.sessions.buffering.as_deref() {
+            None | Some("block") => {}
+            Some("drop") => sessions.buffering = crate::session::journal::Mode::Drop,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    what: "sessions.buffering",
+                    value: other.to_string(),
+                    expected: "block or drop",
+                });
+            }
+        }
+        let socket = match flags.socket.clone().or(self.local.socket) {
+            Some(s) if s.eq_ignore_ascii_case("off") || s.is_empty() => None,
+            Some(s) => Some(PathBuf::from(s)),
+            None => Some(crate::paths::default_socket()),
+        };
         Ok(AgentConfig {
             name,
             state_dir,
             ssh,
+            sessions,
+            socket,
         })
     }
 }

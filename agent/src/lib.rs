@@ -5,7 +5,10 @@
 pub mod accounts;
 pub mod config;
 pub mod hostkey;
+pub mod local;
 pub mod paths;
 pub mod process;
+pub mod session;
 pub mod sftp;
 pub mod ssh;
+pub mod wire;

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use remote_agent::accounts::{self, Account, AccountDb, AccountStore};
 use remote_agent::config::{AgentConfig, FileConfig, Overrides};
+use remote_agent::session::SessionHost;
 use remote_agent::{hostkey, paths};
 
 #[derive(Parser)]
@@ -36,6 +37,14 @@ enum Command {
     /// Manage the agent's accounts.
     #[command(subcommand)]
     User(UserCommand),
+    /// Bridge stdin/stdout to the running agent's session protocol: the command sshd runs
+    /// for `Subsystem remote /usr/bin/remote-agent subsystem` in sshd_config.
+    Subsystem {
+        /// The agent's local socket (default: /run/remote-agent/agent.sock as root,
+        /// $XDG_RUNTIME_DIR/remote-agent/agent.sock otherwise).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
     /// Serve SFTP on stdin/stdout (started by the agent's SSH server; not for direct use).
     #[command(hide = true)]
     SftpServer,
@@ -63,6 +72,9 @@ struct RunArgs {
     /// Name of this agent (default: the host name).
     #[arg(long)]
     name: Option<String>,
+    /// Local socket for subsystem mode, or 'off'.
+    #[arg(long, value_name = "PATH|off")]
+    socket: Option<String>,
 }
 
 #[derive(Args)]
@@ -115,8 +127,8 @@ fn main() -> std::process::ExitCode {
     let command = cli.command.unwrap_or(Command::Run(cli.run));
     let default_log = match command {
         Command::Run(_) | Command::Quickstart(_) => "info",
-        // sftp-server's stderr goes to the SFTP client: stay quiet.
-        Command::SftpServer => "off",
+        // sftp-server's and the subsystem's stderr go to the SSH client: stay quiet.
+        Command::SftpServer | Command::Subsystem { .. } => "off",
         Command::User(_) => "warn",
     };
     init_logging(default_log);
@@ -143,8 +155,18 @@ fn init_logging(default: &str) {
 fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Run(args) => {
-            let config = load_config(&args.state, args.ssh.clone(), args.name.clone())?;
+            let mut config = load_config(&args.state, args.ssh.clone(), args.name.clone())?;
+            if let Some(socket) = &args.socket {
+                config.socket =
+                    (!socket.eq_ignore_ascii_case("off")).then(|| PathBuf::from(socket));
+            }
             runtime()?.block_on(run(config, None))
+        }
+        Command::Subsystem { socket } => {
+            let socket = socket.unwrap_or_else(paths::default_socket);
+            runtime()?
+                .block_on(remote_agent::local::bridge_stdio(&socket))
+                .context("remote-agent subsystem")
         }
         Command::Quickstart(args) => quickstart(args),
         Command::User(cmd) => user(cmd),
@@ -181,6 +203,7 @@ fn load_config(
         state_dir: state.state_dir.clone(),
         ssh,
         name,
+        socket: None,
     })?)
 }
 
@@ -212,8 +235,22 @@ async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
     let Some(ssh) = config.ssh.clone() else {
         bail!("no listener is enabled (--ssh off): nothing to serve. Give --ssh HOST:PORT");
     };
-    let server = remote_agent::ssh::SshServer::bind(ssh, key, db, shutdown.clone()).await?;
+    let sessions = SessionHost::new(config.sessions.clone(), config.state_dir.join("sessions"));
+    let server =
+        remote_agent::ssh::SshServer::bind(ssh, key, db, sessions.clone(), shutdown.clone())
+            .await?;
     let addr = server.local_addr()?;
+    let local = match &config.socket {
+        Some(path) => {
+            let listener = remote_agent::local::LocalListener::bind(path)?;
+            eprintln!("remote-agent: local socket {}", path.display());
+            Some(tokio::spawn(
+                listener.run(sessions.clone(), shutdown.clone()),
+            ))
+        }
+        None => None,
+    };
+    let reaper = tokio::spawn(sessions.clone().run_reaper(shutdown.clone()));
     tracing::info!(name = %config.name, state_dir = %config.state_dir.display(), "remote-agent started");
     eprintln!("remote-agent: ssh listening on {addr} (host key {fingerprint})");
     if let Some(banner) = banner {
@@ -224,6 +261,10 @@ async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
     tracing::info!("shutting down");
     shutdown.cancel();
     server_task.await.context("ssh server task failed")?;
+    if let Some(local) = local {
+        let _ = local.await;
+    }
+    let _ = reaper.await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -29,6 +29,19 @@ pub fn default_config_file() -> PathBuf {
     home_dir().join(".config/remote-agent/agent.toml")
 }
 
+/// The default local socket of the agent, where `remote-agent subsystem` connects:
+/// `/run/remote-agent/agent.sock` as root, `$XDG_RUNTIME_DIR/remote-agent/agent.sock` (or in
+/// the state directory) otherwise.
+pub fn default_socket() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/run/remote-agent/agent.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("remote-agent/agent.sock"),
+        None => default_state_dir().join("agent.sock"),
+    }
+}
+
 /// The invoking user's home directory: `$HOME`, else the password database, else `/`.
 pub fn home_dir() -> PathBuf {
     if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {

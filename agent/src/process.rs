@@ -95,6 +95,24 @@ impl Identity {
         }
     }
 
+    /// The identity of an OS user known by uid (a local-socket peer, for instance). The agent
+    /// switches to it when it runs as root and the user is someone else.
+    pub fn for_uid(uid: Uid) -> Result<Identity, ProcessError> {
+        let user = User::from_uid(uid)
+            .map_err(ProcessError::Lookup)?
+            .ok_or_else(|| ProcessError::NoSuchUser {
+                account: uid.to_string(),
+                user: uid.to_string(),
+            })?;
+        let me = nix::unistd::geteuid();
+        let switch = me.is_root() && uid != me;
+        let groups = match CString::new(user.name.as_bytes()) {
+            Ok(name) => nix::unistd::getgrouplist(&name, user.gid).map_err(ProcessError::Lookup)?,
+            Err(_) => vec![user.gid],
+        };
+        Ok(Identity::from_user(user, groups, switch))
+    }
+
     fn from_user(user: User, groups: Vec<Gid>, switch: bool) -> Identity {
         let shell = if user.shell.as_os_str().is_empty() {
             PathBuf::from("/bin/sh")
@@ -332,7 +350,92 @@ pub fn signal_group(pid: u32, signal: nix::sys::signal::Signal) {
     }
 }
 
+/// Send `signal` to every process whose session id is one of `sids`: what a session's
+/// commands started, background jobs included (each command leads its own session, and
+/// children keep it unless they call setsid themselves).
+pub fn signal_sessions(sids: &[u32], signal: nix::sys::signal::Signal) -> usize {
+    if sids.is_empty() {
+        return 0;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut hit = 0;
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid pgrp session …"; comm may hold anything, so skip past ')'.
+        let sid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(3))
+            .and_then(|s| s.parse::<u32>().ok());
+        if sid.is_some_and(|sid| sids.contains(&sid))
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).is_ok()
+        {
+            hit += 1;
+        }
+    }
+    hit
+}
+
 /// Send `signal` to one process.
 pub fn signal_process(pid: u32, signal: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+}
+
+/// What a client sends towards a running process, in order.
+#[derive(Debug)]
+pub enum Input {
+    Data(bytes::Bytes),
+    Eof,
+    Resize { rows: u16, cols: u16 },
+}
+
+/// Copy queued input to a child's stdin. After a write error (the child closed its stdin)
+/// keep draining the queue, so a sender never waits on a reader that is gone.
+pub async fn feed_stdin(
+    mut rx: tokio::sync::mpsc::Receiver<Input>,
+    mut stdin: Option<tokio::process::ChildStdin>,
+) {
+    use tokio::io::AsyncWriteExt;
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            Input::Data(data) => {
+                if let Some(w) = stdin.as_mut()
+                    && w.write_all(&data).await.is_err()
+                {
+                    stdin = None;
+                }
+            }
+            Input::Eof => stdin = None,
+            Input::Resize { .. } => {}
+        }
+    }
+}
+
+/// Copy queued input to a terminal and apply resizes, in order.
+pub async fn feed_pty(
+    mut rx: tokio::sync::mpsc::Receiver<Input>,
+    mut writer: pty_process::OwnedWritePty,
+) {
+    use tokio::io::AsyncWriteExt;
+    let mut broken = false;
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            Input::Data(data) if !broken => broken = writer.write_all(&data).await.is_err(),
+            Input::Resize { rows, cols } => {
+                let _ = writer.resize(pty_process::Size::new(rows.max(1), cols.max(1)));
+            }
+            // A terminal has no half-close; EOF from a client changes nothing (as in sshd).
+            _ => {}
+        }
+    }
 }

@@ -1,8 +1,258 @@
 //! `remote-proto`: the wire types shared by the agent, the relay and the clients
-//! (design.md §3). The session protocol (`session.proto`, length-delimited frames on the SSH
-//! subsystem `remote`) lands here with the persistent-sessions work (issue 3) and the relay
-//! tunnel protocol (`relay.proto`) with the relay (issue 5). Until then this crate holds only
-//! the protocol version that every part agrees on.
+//! (design.md §3), and the framing of the session protocol. Generated message types live in
+//! [`session`]; [`FrameCodec`] turns a byte stream into frames and back. No I/O policy here.
 
-/// Version of the `remote` wire protocol spoken by this build.
+use std::marker::PhantomData;
+
+use bytes::{Buf, BufMut, BytesMut};
+use prost::Message;
+use tokio_util::codec::{Decoder, Encoder};
+
+/// The session protocol's messages (proto/session.proto).
+pub mod session {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/remote.session.v1.rs"));
+}
+
+/// Version of the session protocol spoken by this build (exchanged in `Hello`).
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame accepted or sent, in bytes (length prefix excluded).
+pub const MAX_FRAME_BYTES: usize = 1 << 20;
+
+/// Output chunks are cut to this size so that a record always fits in a frame.
+pub const MAX_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Why a frame could not be decoded. The stream stays usable after each of these.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge { len: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+/// Length-prefixed protobuf frames: decodes `In`, encodes `Out`.
+///
+/// An oversized frame is reported once as [`FrameError::TooLarge`] and its body skipped as it
+/// arrives, without buffering it; a malformed one as [`FrameError::Malformed`]. Real I/O
+/// errors are the only `Err` of the decoder.
+pub struct FrameCodec<In, Out> {
+    skipping: usize,
+    _types: PhantomData<fn() -> (In, Out)>,
+}
+
+impl<In, Out> Default for FrameCodec<In, Out> {
+    fn default() -> Self {
+        FrameCodec {
+            skipping: 0,
+            _types: PhantomData,
+        }
+    }
+}
+
+/// The codec a server uses: reads client frames, writes server frames.
+pub type ServerCodec = FrameCodec<session::ClientFrame, session::ServerFrame>;
+/// The codec a client uses: reads server frames, writes client frames.
+pub type ClientCodec = FrameCodec<session::ServerFrame, session::ClientFrame>;
+
+impl<In: Message + Default, Out> Decoder for FrameCodec<In, Out> {
+    type Item = Result<In, FrameError>;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        if self.skipping > 0 {
+            let n = self.skipping.min(src.len());
+            src.advance(n);
+            self.skipping -= n;
+            if self.skipping > 0 {
+                return Ok(None);
+            }
+        }
+        if src.len() < 4 {
+            src.reserve(4);
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        if len > MAX_FRAME_BYTES {
+            src.advance(4);
+            let n = len.min(src.len());
+            src.advance(n);
+            self.skipping = len - n;
+            return Ok(Some(Err(FrameError::TooLarge { len })));
+        }
+        if src.len() < 4 + len {
+            src.reserve(4 + len - src.len());
+            return Ok(None);
+        }
+        src.advance(4);
+        let body = src.split_to(len);
+        Ok(Some(
+            In::decode(body.freeze()).map_err(|e| FrameError::Malformed(e.to_string())),
+        ))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        match self.decode(src)? {
+            Some(item) => Ok(Some(item)),
+            None if src.is_empty() && self.skipping == 0 => Ok(None),
+            None => {
+                src.clear();
+                self.skipping = 0;
+                Ok(Some(Err(FrameError::Malformed(
+                    "stream ended in the middle of a frame".into(),
+                ))))
+            }
+        }
+    }
+}
+
+impl<In, Out: Message> Encoder<Out> for FrameCodec<In, Out> {
+    type Error = std::io::Error;
+
+    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), Self::Error> {
+        let len = item.encoded_len();
+        if len > MAX_FRAME_BYTES {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("frame of {len} bytes exceeds the {MAX_FRAME_BYTES}-byte limit"),
+            ));
+        }
+        dst.reserve(4 + len);
+        dst.put_u32(len as u32);
+        item.encode(dst)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+    }
+}
+
+/// Shorthand constructors for frames.
+pub mod frames {
+    use super::session::{self, client_frame, server_frame};
+
+    pub fn client(request_id: u64, msg: client_frame::Msg) -> session::ClientFrame {
+        session::ClientFrame {
+            request_id,
+            msg: Some(msg),
+        }
+    }
+
+    pub fn server(request_id: u64, msg: server_frame::Msg) -> session::ServerFrame {
+        session::ServerFrame {
+            request_id,
+            msg: Some(msg),
+        }
+    }
+
+    pub fn error(
+        request_id: u64,
+        code: session::ErrorCode,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> session::ServerFrame {
+        server(
+            request_id,
+            server_frame::Msg::Error(session::Error {
+                code: code as i32,
+                message: message.into(),
+                hint: hint.into(),
+            }),
+        )
+    }
+
+    pub fn hello(software: &str) -> session::Hello {
+        session::Hello {
+            protocol_version: super::PROTOCOL_VERSION,
+            software: software.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::session::{ClientFrame, ListSessions, client_frame};
+    use super::*;
+
+    fn encode(frame: &ClientFrame) -> BytesMut {
+        let mut codec = ClientCodec::default();
+        let mut buf = BytesMut::new();
+        // ClientCodec encodes ClientFrame.
+        codec.encode(frame.clone(), &mut buf).unwrap();
+        buf
+    }
+
+    fn decode_all(bytes: &[u8]) -> Vec<Result<ClientFrame, FrameError>> {
+        let mut codec = ServerCodec::default();
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while let Some(item) = codec.decode(&mut buf).unwrap() {
+            out.push(item);
+        }
+        if let Some(item) = codec.decode_eof(&mut buf).unwrap() {
+            out.push(item);
+        }
+        out
+    }
+
+    fn list(id: u64) -> ClientFrame {
+        frames::client(id, client_frame::Msg::List(ListSessions {}))
+    }
+
+    #[test]
+    fn round_trip_and_byte_by_byte() {
+        let mut bytes = encode(&list(1)).to_vec();
+        bytes.extend_from_slice(&encode(&list(2)));
+        assert_eq!(decode_all(&bytes), vec![Ok(list(1)), Ok(list(2))]);
+        // Delivered one byte at a time.
+        let mut codec = ServerCodec::default();
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for b in &bytes {
+            buf.extend_from_slice(&[*b]);
+            while let Some(item) = codec.decode(&mut buf).unwrap() {
+                got.push(item);
+            }
+        }
+        assert_eq!(got, vec![Ok(list(1)), Ok(list(2))]);
+    }
+
+    #[test]
+    fn oversized_frame_is_skipped_and_stream_recovers() {
+        let mut bytes = ((MAX_FRAME_BYTES + 10) as u32).to_be_bytes().to_vec();
+        bytes.extend(std::iter::repeat_n(0xAA, MAX_FRAME_BYTES + 10));
+        bytes.extend_from_slice(&encode(&list(3)));
+        let got = decode_all(&bytes);
+        assert_eq!(got.len(), 2);
+        assert!(matches!(got[0], Err(FrameError::TooLarge { .. })));
+        assert_eq!(got[1], Ok(list(3)));
+    }
+
+    #[test]
+    fn malformed_and_truncated_frames_are_errors_not_panics() {
+        let mut bytes = vec![0, 0, 0, 3, 0xff, 0xff, 0xff];
+        bytes.extend_from_slice(&encode(&list(4)));
+        let got = decode_all(&bytes);
+        assert!(matches!(got[0], Err(FrameError::Malformed(_))));
+        assert_eq!(got[1], Ok(list(4)));
+        let truncated = &encode(&list(5))[..3];
+        assert!(matches!(
+            decode_all(truncated)[..],
+            [Err(FrameError::Malformed(_))]
+        ));
+    }
+
+    #[test]
+    fn unknown_message_decodes_with_no_msg() {
+        // Field 99 (unknown to this version) only: decodes, msg is None.
+        let body = [0xf8u8, 0x06, 0x01];
+        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&body);
+        let got = decode_all(&bytes);
+        assert_eq!(
+            got,
+            vec![Ok(ClientFrame {
+                request_id: 0,
+                msg: None
+            })]
+        );
+    }
+}

@@ -2,6 +2,8 @@
 //! 127.0.0.1 with its own state directory, creates accounts and client keys, and builds
 //! OpenSSH command lines against it. Everything started here is stopped on drop.
 
+pub mod session_client;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -101,6 +103,8 @@ impl Default for AgentOptions {
 pub struct Agent {
     pub dir: tempfile::TempDir,
     pub state_dir: PathBuf,
+    /// The agent's local socket (subsystem mode).
+    pub socket: PathBuf,
     pub addr: SocketAddr,
     child: Option<Child>,
     log: mpsc::Receiver<String>,
@@ -124,6 +128,7 @@ impl Agent {
         );
         let state_dir = dir.path().join("state");
         let config = dir.path().join("agent.toml");
+        let socket = dir.path().join("agent.sock");
         std::fs::write(&config, &opts.config).expect("write config");
         let mut child = Command::new(bin("remote-agent"))
             .arg("run")
@@ -132,6 +137,8 @@ impl Agent {
             .arg("--state-dir")
             .arg(&state_dir)
             .args(["--ssh", "127.0.0.1:0"])
+            .arg("--socket")
+            .arg(&socket)
             .env("REMOTE_AGENT_LOG", "info,russh=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -175,6 +182,7 @@ impl Agent {
         Agent {
             dir,
             state_dir,
+            socket,
             addr,
             child: Some(child),
             log: rx,

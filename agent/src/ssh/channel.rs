@@ -13,24 +13,16 @@ use bytes::{Bytes, BytesMut};
 use nix::sys::signal::Signal;
 use russh::server::Handle;
 use russh::{ChannelId, Sig};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::process::{self, Identity, ProcessError, PtySettings, Spec};
+use crate::process::{self, Identity, Input, ProcessError, PtySettings, Spec};
 
 /// Queued input messages per channel (each at most one SSH packet, 32 KiB).
 const INPUT_QUEUE: usize = 64;
 /// Output read size.
 const READ_CHUNK: usize = 64 * 1024;
-
-/// What the client sends towards a running process, in order.
-#[derive(Debug)]
-pub enum Input {
-    Data(Bytes),
-    Eof,
-    Resize { rows: u16, cols: u16 },
-}
 
 /// A process attached to a channel. Dropping it (channel closed, connection lost) hangs up
 /// on the process group if the process is still running.
@@ -85,7 +77,7 @@ pub fn start(
             let mut child = process::spawn_piped(identity, spec)?;
             let pid = child.id();
             let stdin = child.stdin.take();
-            tokio::spawn(write_input(rx, stdin));
+            tokio::spawn(process::feed_stdin(rx, stdin));
             tokio::spawn(pump_piped(handle, id, child, exited.clone(), shutdown));
             pid
         }
@@ -93,7 +85,7 @@ pub fn start(
             let p = process::spawn_pty(identity, spec, settings)?;
             let pid = p.child.id();
             let (reader, writer) = p.pty.into_split();
-            tokio::spawn(write_pty_input(rx, writer));
+            tokio::spawn(process::feed_pty(rx, writer));
             tokio::spawn(pump_pty(
                 handle,
                 id,
@@ -112,33 +104,52 @@ pub fn start(
     })
 }
 
-/// Copy queued input to the child's stdin. After a write error (the child closed its stdin)
-/// keep draining the queue so the connection never waits on a reader that is gone.
-async fn write_input(mut rx: mpsc::Receiver<Input>, mut stdin: Option<tokio::process::ChildStdin>) {
-    while let Some(msg) = rx.recv().await {
-        match msg {
-            Input::Data(data) => {
-                if let Some(w) = stdin.as_mut()
-                    && w.write_all(&data).await.is_err()
-                {
-                    stdin = None;
-                }
+/// Serve an in-agent service (not a process) on channel `id`: `service` gets a byte stream
+/// whose reads are the client's data and whose writes go back to the client. When the
+/// service ends, the channel gets EOF, exit-status 0 and close.
+pub fn start_service<F, Fut>(handle: Handle, id: ChannelId, service: F) -> Running
+where
+    F: FnOnce(tokio::io::DuplexStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+    let (ours, theirs) = tokio::io::duplex(256 * 1024);
+    let (mut from_service, to_service) = tokio::io::split(ours);
+    let exited = Arc::new(AtomicBool::new(false));
+    tokio::spawn(service(theirs));
+    tokio::spawn(feed_service(rx, to_service));
+    let done = exited.clone();
+    tokio::spawn(async move {
+        while let Some(data) = read_chunk(&mut from_service).await {
+            if handle.data(id, data).await.is_err() {
+                break;
             }
-            Input::Eof => stdin = None,
-            Input::Resize { .. } => {}
         }
+        done.store(true, Ordering::Release);
+        let _ = handle.eof(id).await;
+        let _ = handle.exit_status_request(id, 0).await;
+        let _ = handle.close(id).await;
+    });
+    Running {
+        input: tx,
+        pid: None,
+        exited,
     }
 }
 
-async fn write_pty_input(mut rx: mpsc::Receiver<Input>, mut writer: pty_process::OwnedWritePty) {
-    let mut broken = false;
+async fn feed_service(
+    mut rx: mpsc::Receiver<Input>,
+    mut w: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let mut open = true;
     while let Some(msg) = rx.recv().await {
         match msg {
-            Input::Data(data) if !broken => broken = writer.write_all(&data).await.is_err(),
-            Input::Resize { rows, cols } => {
-                let _ = writer.resize(pty_process::Size::new(rows.max(1), cols.max(1)));
+            Input::Data(data) if open => open = w.write_all(&data).await.is_ok(),
+            Input::Eof => {
+                let _ = w.shutdown().await;
+                open = false;
             }
-            // A terminal has no half-close; EOF from the client changes nothing (as in sshd).
             _ => {}
         }
     }

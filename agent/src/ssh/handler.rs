@@ -14,9 +14,10 @@ use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Pty, 
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::Shared;
-use super::channel::{self, Input, Running};
+use super::channel::{self, Running};
 use crate::accounts::{self, Account};
-use crate::process::{Identity, Program, PtySettings, Spec};
+use crate::process::{Identity, Input, Program, PtySettings, Spec};
+use crate::session::Principal;
 
 /// Most `env` requests honoured per channel, and longest accepted value.
 const MAX_ENV: usize = 64;
@@ -379,6 +380,27 @@ impl russh::server::Handler for Connection {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         match name {
+            "remote" => {
+                let Some(login) = &self.login else {
+                    return session.channel_failure(id);
+                };
+                let principal = Principal {
+                    name: login.account.name.clone(),
+                    admin: login.account.admin,
+                    identity: login.identity.clone(),
+                    transport: "ssh",
+                };
+                let host = self.shared.sessions.clone();
+                let Some(state) = self.channels.get_mut(&id).filter(|s| s.running.is_none()) else {
+                    return session.channel_failure(id);
+                };
+                state.running = Some(channel::start_service(
+                    session.handle(),
+                    id,
+                    move |stream| crate::wire::serve(host, principal, stream),
+                ));
+                session.channel_success(id)
+            }
             "sftp" => {
                 // Like sshd's sftp-server: a separate process running as the user.
                 let exe = self.shared.self_exe.clone();

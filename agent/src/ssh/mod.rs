@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::accounts::AccountDb;
 use crate::config::SshSettings;
+use crate::session::SessionHost;
 
 /// Ciphers offered, in preference order: OpenSSH's set (russh's default leaves out
 /// aes128-gcm, which OpenSSH clients pick when asked for speed with `-c`).
@@ -46,6 +47,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Password hashes being checked at once (argon2id is memory-hard by design).
     pub password_checks: Semaphore,
+    /// The session host behind the `remote` subsystem.
+    pub sessions: Arc<SessionHost>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +74,7 @@ impl Core {
         settings: SshSettings,
         host_key: PrivateKey,
         accounts: AccountDb,
+        sessions: Arc<SessionHost>,
         shutdown: CancellationToken,
     ) -> Core {
         let config = russh::server::Config {
@@ -107,6 +111,7 @@ impl Core {
                 self_exe,
                 shutdown,
                 password_checks: Semaphore::new(4),
+                sessions,
             }),
         }
     }
@@ -145,6 +150,7 @@ impl SshServer {
         settings: SshSettings,
         host_key: PrivateKey,
         accounts: AccountDb,
+        sessions: Arc<SessionHost>,
         shutdown: CancellationToken,
     ) -> Result<SshServer, ServerError> {
         let listener =
@@ -156,7 +162,7 @@ impl SshServer {
                 })?;
         Ok(SshServer {
             listener,
-            core: Arc::new(Core::new(settings, host_key, accounts, shutdown)),
+            core: Arc::new(Core::new(settings, host_key, accounts, sessions, shutdown)),
         })
     }
 

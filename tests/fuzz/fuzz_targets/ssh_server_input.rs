@@ -32,6 +32,7 @@ fn world() -> &'static World {
                 ssh: Some("127.0.0.1:0".into()),
                 state_dir: Some(dir.path().to_path_buf()),
                 name: None,
+                socket: None,
             })
             .expect("resolve")
             .ssh
@@ -39,7 +40,8 @@ fn world() -> &'static World {
         settings.max_auth_tries = 3;
         let (key, _) = remote_agent::hostkey::load_or_generate(dir.path()).expect("host key");
         let accounts = AccountDb::new(AccountStore::new(dir.path()));
-        let core = Core::new(settings, key, accounts, Default::default());
+        let sessions = remote_agent::session::SessionHost::new(Default::default(), dir.path().join("sessions"));
+        let core = Core::new(settings, key, accounts, sessions, Default::default());
         World { rt, core, _dir: dir }
     })
 }

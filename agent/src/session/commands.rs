@@ -1,0 +1,237 @@
+//! The commands shape: a context in which commands run one after another or at once, each
+//! with its own stdout, stderr and exit code. The working directory and the exported
+//! environment one command leaves are what the next starts with: each command runs in a
+//! small POSIX-shell wrapper that restores them from the session's state directory and saves
+//! them again when the command's shell exits.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use nix::sys::signal::Signal;
+use remote_proto::MAX_CHUNK_BYTES;
+use remote_proto::session::{CommandStarted, Output, Stream, record};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+
+use super::SessionError;
+use super::journal::Journal;
+use super::terminal::exit_of;
+use crate::process::{self, Identity, Input, Program, Spec};
+
+/// The wrapper: `$1` is the state directory, `$2` the command line. `export -p` output is
+/// valid input for the same shell, so the environment round-trips exactly.
+const WRAPPER: &str = r#"__rs_dir=$1; __rs_cmd=$2; shift 2
+[ -f "$__rs_dir/env" ] && . "$__rs_dir/env"
+if [ -f "$__rs_dir/cwd" ]; then cd -- "$(cat "$__rs_dir/cwd")" 2>/dev/null || true; fi
+__rs_save() {
+  __rs_rc=$?
+  pwd > "$__rs_dir/cwd.$$" && mv -f "$__rs_dir/cwd.$$" "$__rs_dir/cwd"
+  export -p > "$__rs_dir/env.$$" && mv -f "$__rs_dir/env.$$" "$__rs_dir/env"
+  exit $__rs_rc
+}
+trap __rs_save EXIT
+eval "$__rs_cmd"
+"#;
+
+/// The shell that runs commands: POSIX sh, whatever the user's login shell is, so that the
+/// saved environment can always be read back.
+const SHELL: &str = "/bin/sh";
+
+struct RunningCommand {
+    input: mpsc::Sender<Input>,
+    pid: Option<u32>,
+}
+
+pub struct Commands {
+    identity: Identity,
+    dir: PathBuf,
+    next_id: AtomicU64,
+    running: Arc<Mutex<HashMap<u64, RunningCommand>>>,
+    /// Session ids (= pids) of every command started, for finding what they left behind.
+    sids: Arc<Mutex<Vec<u32>>>,
+}
+
+impl Commands {
+    pub fn new(identity: Identity, dir: PathBuf) -> Result<Commands, SessionError> {
+        let err = |source| SessionError::StateDir {
+            path: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        if identity.switch {
+            nix::unistd::chown(&dir, Some(identity.uid), Some(identity.gid))
+                .map_err(|e| err(e.into()))?;
+        }
+        Ok(Commands {
+            identity,
+            dir,
+            next_id: AtomicU64::new(1),
+            running: Arc::new(Mutex::new(HashMap::new())),
+            sids: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, RunningCommand>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn running(&self) -> usize {
+        self.map().len()
+    }
+
+    /// Start `command`; its records go to `journal` under the returned id. Also returns the
+    /// seq of its `started` record, where a client following it starts reading.
+    pub async fn run(
+        &self,
+        command: &str,
+        journal: &Arc<Journal>,
+    ) -> Result<(u64, u64), SessionError> {
+        if command.contains('\0') {
+            return Err(SessionError::Invalid(
+                "the command contains a NUL byte".into(),
+            ));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let spec = Spec {
+            program: Program::Exec(
+                PathBuf::from(SHELL),
+                vec![
+                    "-c".into(),
+                    WRAPPER.into(),
+                    "remote-session".into(),
+                    self.dir.to_string_lossy().into_owned(),
+                    command.to_string(),
+                ],
+            ),
+            env: self.identity.base_env(),
+        };
+        let mut child = process::spawn_piped(&self.identity, &spec)?;
+        if let Some(pid) = child.id() {
+            self.sids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(pid);
+        }
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(process::feed_stdin(rx, child.stdin.take()));
+        self.map().insert(
+            id,
+            RunningCommand {
+                input: tx,
+                pid: child.id(),
+            },
+        );
+        let started = record::Kind::Started(CommandStarted {
+            command: command.to_string(),
+        });
+        let Ok(seq) = journal.append(id, started).await else {
+            if let Some(pid) = child.id() {
+                process::signal_group(pid, Signal::SIGHUP);
+            }
+            self.map().remove(&id);
+            return Err(SessionError::Closed(String::new()));
+        };
+        tokio::spawn(pump(journal.clone(), id, child, self.running.clone()));
+        Ok((id, seq))
+    }
+
+    /// Input for command `id`: data, or `None` for end of input. `None` if no such command.
+    pub async fn input(&self, id: u64, data: Option<bytes::Bytes>) -> Option<()> {
+        let tx = self.map().get(&id)?.input.clone();
+        let _ = tx
+            .send(match data {
+                Some(d) => Input::Data(d),
+                None => Input::Eof,
+            })
+            .await;
+        Some(())
+    }
+
+    /// Signal command `id` (0: every running command). False if there was none.
+    pub fn signal(&self, id: u64, signal: Signal) -> bool {
+        let map = self.map();
+        let targets: Vec<u32> = map
+            .iter()
+            .filter(|(k, _)| id == 0 || **k == id)
+            .filter_map(|(_, c)| c.pid)
+            .collect();
+        drop(map);
+        for pid in &targets {
+            process::signal_group(*pid, signal);
+        }
+        !targets.is_empty()
+    }
+
+    /// Hang up on everything the session's commands started (background jobs too), and
+    /// kill what remains a few seconds later.
+    pub fn kill_all(&self) {
+        let sids = self.sids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if process::signal_sessions(&sids, Signal::SIGHUP) == 0 {
+            return;
+        }
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            process::signal_sessions(&sids, Signal::SIGKILL);
+        });
+    }
+
+    pub fn remove_state(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R) -> Option<bytes::Bytes> {
+    let mut buf = BytesMut::with_capacity(MAX_CHUNK_BYTES.min(64 * 1024));
+    match r.read_buf(&mut buf).await {
+        Ok(0) | Err(_) => None,
+        Ok(_) => Some(buf.freeze()),
+    }
+}
+
+fn output(stream: Stream, data: bytes::Bytes) -> record::Kind {
+    record::Kind::Output(Output {
+        stream: stream as i32,
+        data: data.to_vec(),
+    })
+}
+
+async fn pump(
+    journal: Arc<Journal>,
+    id: u64,
+    mut child: tokio::process::Child,
+    running: Arc<Mutex<HashMap<u64, RunningCommand>>>,
+) {
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let mut status = None;
+    let mut closed = false;
+    while !closed && (stdout.is_some() || stderr.is_some() || status.is_none()) {
+        tokio::select! {
+            chunk = async { read_chunk(stdout.as_mut()?).await }, if stdout.is_some() => match chunk {
+                Some(data) => closed = journal.append(id, output(Stream::Stdout, data)).await.is_err(),
+                None => stdout = None,
+            },
+            chunk = async { read_chunk(stderr.as_mut()?).await }, if stderr.is_some() => match chunk {
+                Some(data) => closed = journal.append(id, output(Stream::Stderr, data)).await.is_err(),
+                None => stderr = None,
+            },
+            st = child.wait(), if status.is_none() => status = Some(st.ok()),
+        }
+    }
+    if closed && status.is_none() {
+        status = Some(child.wait().await.ok());
+    }
+    running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    let _ = journal
+        .append(id, record::Kind::Exit(exit_of(status.flatten())))
+        .await;
+}

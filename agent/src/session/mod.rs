@@ -1,0 +1,479 @@
+//! The session host (design.md §2): sessions that belong to one user, outlive any connection,
+//! and keep their output in a journal until a client consumes it. Two shapes: a terminal (a
+//! pty running the user's shell) and commands (a context in which commands run with their
+//! own stdout, stderr and exit code, the working directory and exported variables carrying
+//! over). Transports (the SSH subsystem, the local socket, later WinRM and the relay) are
+//! adapters onto this API and never touch processes themselves.
+
+pub mod commands;
+pub mod journal;
+pub mod terminal;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use remote_proto::session::{Buffering, SessionInfo, SessionState, Shape};
+use tokio_util::sync::CancellationToken;
+
+use crate::process::{Identity, ProcessError, PtySettings};
+use journal::{Journal, Mode};
+
+/// Defaults for new sessions.
+#[derive(Debug, Clone)]
+pub struct SessionDefaults {
+    pub journal_bytes: usize,
+    pub idle_timeout: Duration,
+    pub buffering: Mode,
+    /// Largest journal a client may ask for.
+    pub max_journal_bytes: usize,
+}
+
+impl Default for SessionDefaults {
+    fn default() -> Self {
+        SessionDefaults {
+            journal_bytes: 64 << 20,
+            idle_timeout: Duration::from_secs(2 * 3600),
+            buffering: Mode::Block,
+            max_journal_bytes: 1 << 30,
+        }
+    }
+}
+
+/// Who is asking: an authenticated user, the OS identity their processes run as, and the
+/// transport they came through.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub name: String,
+    pub admin: bool,
+    pub identity: Identity,
+    pub transport: &'static str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Also returned for sessions of other users: a session id is never a capability.
+    #[error("no session '{0}' for you on this agent")]
+    NotFound(String),
+    #[error("session '{0}' is closed")]
+    Closed(String),
+    #[error("session '{id}' is a {shape} session: {what}")]
+    WrongShape {
+        id: String,
+        shape: &'static str,
+        what: &'static str,
+    },
+    #[error("no command {command} in session '{id}'")]
+    NoCommand { id: String, command: u64 },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error("cannot prepare the session's state directory {path}: {source}")]
+    StateDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What a client asks for when opening a session.
+#[derive(Debug, Clone)]
+pub struct OpenRequest {
+    pub shape: Shape,
+    pub name: String,
+    pub endpoint: String,
+    pub buffering: Option<Mode>,
+    pub journal_bytes: Option<usize>,
+    pub idle_timeout: Option<Duration>,
+    pub terminal: PtySettings,
+}
+
+enum Kind {
+    Terminal(terminal::Terminal),
+    Commands(commands::Commands),
+}
+
+struct Status {
+    attached: u32,
+    last_activity: Instant,
+    closed: bool,
+}
+
+pub struct Session {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub endpoint: String,
+    pub transport: &'static str,
+    pub created: SystemTime,
+    pub idle_timeout: Duration,
+    journal: Arc<Journal>,
+    kind: Kind,
+    status: Mutex<Status>,
+}
+
+fn unix(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Session {
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
+    pub fn shape(&self) -> Shape {
+        match self.kind {
+            Kind::Terminal(_) => Shape::Terminal,
+            Kind::Commands(_) => Shape::Commands,
+        }
+    }
+
+    pub fn info(&self) -> SessionInfo {
+        let st = self.status();
+        let stats = self.journal.stats();
+        let state = if st.closed {
+            SessionState::StateClosed
+        } else if st.attached > 0 {
+            SessionState::StateOpened
+        } else {
+            SessionState::StateDisconnected
+        };
+        let running = match &self.kind {
+            Kind::Terminal(t) => u32::from(t.running()),
+            Kind::Commands(c) => c.running() as u32,
+        };
+        SessionInfo {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            owner: self.owner.clone(),
+            shape: self.shape() as i32,
+            state: state as i32,
+            endpoint: self.endpoint.clone(),
+            buffering: match self.journal.mode() {
+                Mode::Block => Buffering::Block,
+                Mode::Drop => Buffering::Drop,
+            } as i32,
+            created_unix: unix(self.created),
+            last_output_unix: stats.last_output.map(unix).unwrap_or(0),
+            attached_clients: st.attached,
+            running_commands: running,
+            next_seq: stats.next_seq,
+            acked_seq: stats.acked,
+            journal_bytes_used: stats.bytes as u64,
+            journal_bytes_max: stats.capacity as u64,
+            dropped_bytes: stats.dropped,
+            transport: self.transport.to_string(),
+        }
+    }
+
+    /// Count a client as attached until the guard is dropped.
+    pub fn attach(self: &Arc<Self>) -> AttachGuard {
+        let mut st = self.status();
+        st.attached += 1;
+        st.last_activity = Instant::now();
+        AttachGuard {
+            session: self.clone(),
+        }
+    }
+
+    fn touch(&self) {
+        self.status().last_activity = Instant::now();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.status().closed
+    }
+
+    /// Keystrokes for the terminal.
+    pub async fn terminal_input(&self, data: bytes::Bytes) -> Result<(), SessionError> {
+        self.touch();
+        match &self.kind {
+            Kind::Terminal(t) => {
+                t.input(data).await;
+                Ok(())
+            }
+            Kind::Commands(_) => {
+                Err(self.wrong_shape("commands", "it has no terminal to type into"))
+            }
+        }
+    }
+
+    pub async fn resize(&self, rows: u16, cols: u16) -> Result<(), SessionError> {
+        match &self.kind {
+            Kind::Terminal(t) => {
+                t.resize(rows, cols).await;
+                Ok(())
+            }
+            Kind::Commands(_) => Err(self.wrong_shape("commands", "it has no terminal to resize")),
+        }
+    }
+
+    /// Start a command (commands shape). Returns its id and the seq of its first record.
+    pub async fn run(&self, command: &str) -> Result<(u64, u64), SessionError> {
+        self.touch();
+        match &self.kind {
+            Kind::Commands(c) => c.run(command, &self.journal).await.map_err(|e| match e {
+                SessionError::Closed(_) => SessionError::Closed(self.id.clone()),
+                other => other,
+            }),
+            Kind::Terminal(_) => {
+                Err(self.wrong_shape("terminal", "type commands into it with `remote attach`"))
+            }
+        }
+    }
+
+    /// Input for a running command (commands shape).
+    pub async fn command_input(
+        &self,
+        command: u64,
+        data: Option<bytes::Bytes>,
+    ) -> Result<(), SessionError> {
+        self.touch();
+        match &self.kind {
+            Kind::Commands(c) => c.input(command, data).await.ok_or(SessionError::NoCommand {
+                id: self.id.clone(),
+                command,
+            }),
+            Kind::Terminal(_) => Err(self.wrong_shape("terminal", "it has no separate commands")),
+        }
+    }
+
+    /// Deliver a signal: to the terminal's foreground job, to one command, or (command 0) to
+    /// every running command.
+    pub fn signal(
+        &self,
+        command: u64,
+        signal: nix::sys::signal::Signal,
+    ) -> Result<(), SessionError> {
+        self.touch();
+        match &self.kind {
+            Kind::Terminal(t) => {
+                t.signal(signal);
+                Ok(())
+            }
+            Kind::Commands(c) => {
+                if c.signal(command, signal) {
+                    Ok(())
+                } else {
+                    Err(SessionError::NoCommand {
+                        id: self.id.clone(),
+                        command,
+                    })
+                }
+            }
+        }
+    }
+
+    fn wrong_shape(&self, shape: &'static str, what: &'static str) -> SessionError {
+        SessionError::WrongShape {
+            id: self.id.clone(),
+            shape,
+            what,
+        }
+    }
+
+    /// End the session: stop its processes and wake every reader and writer.
+    fn close(&self) {
+        {
+            let mut st = self.status();
+            if st.closed {
+                return;
+            }
+            st.closed = true;
+        }
+        match &self.kind {
+            Kind::Terminal(t) => t.kill(),
+            Kind::Commands(c) => c.kill_all(),
+        }
+        self.journal.close();
+    }
+}
+
+/// Keeps a session counted as attached.
+pub struct AttachGuard {
+    session: Arc<Session>,
+}
+
+impl Drop for AttachGuard {
+    fn drop(&mut self) {
+        let mut st = self.session.status();
+        st.attached = st.attached.saturating_sub(1);
+        st.last_activity = Instant::now();
+    }
+}
+
+/// All sessions of this agent.
+pub struct SessionHost {
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    defaults: SessionDefaults,
+    /// Where commands-shape sessions keep their carried-over state (one directory each).
+    state_root: std::path::PathBuf,
+}
+
+impl SessionHost {
+    pub fn new(defaults: SessionDefaults, state_root: std::path::PathBuf) -> Arc<SessionHost> {
+        Arc::new(SessionHost {
+            sessions: Mutex::new(HashMap::new()),
+            defaults,
+            state_root,
+        })
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn defaults(&self) -> &SessionDefaults {
+        &self.defaults
+    }
+
+    pub async fn open(
+        &self,
+        who: &Principal,
+        req: OpenRequest,
+    ) -> Result<Arc<Session>, SessionError> {
+        let id = new_id();
+        let journal_bytes = req
+            .journal_bytes
+            .unwrap_or(self.defaults.journal_bytes)
+            .clamp(64 << 10, self.defaults.max_journal_bytes);
+        let journal = Arc::new(Journal::new(
+            journal_bytes,
+            req.buffering.unwrap_or(self.defaults.buffering),
+        ));
+        let kind = match req.shape {
+            Shape::Terminal => {
+                Kind::Terminal(terminal::Terminal::start(&who.identity, &req.terminal)?)
+            }
+            Shape::Commands | Shape::Unspecified => {
+                let dir = self.state_root.join(&id);
+                Kind::Commands(commands::Commands::new(who.identity.clone(), dir)?)
+            }
+        };
+        let name = if req.name.is_empty() {
+            id.clone()
+        } else {
+            req.name.clone()
+        };
+        let session = Arc::new(Session {
+            id: id.clone(),
+            name,
+            owner: who.name.clone(),
+            endpoint: if req.endpoint.is_empty() {
+                "default".into()
+            } else {
+                req.endpoint.clone()
+            },
+            transport: who.transport,
+            created: SystemTime::now(),
+            idle_timeout: req.idle_timeout.unwrap_or(self.defaults.idle_timeout),
+            journal,
+            kind,
+            status: Mutex::new(Status {
+                attached: 0,
+                last_activity: Instant::now(),
+                closed: false,
+            }),
+        });
+        if let Kind::Terminal(t) = &session.kind {
+            t.start_pump(session.clone());
+        }
+        tracing::info!(session = %id, owner = %who.name, shape = ?req.shape, transport = who.transport, "session opened");
+        self.map().insert(id, session.clone());
+        Ok(session)
+    }
+
+    /// The session `id` if `who` owns it. Other users' sessions are reported as missing.
+    pub fn get(&self, who: &Principal, id: &str) -> Result<Arc<Session>, SessionError> {
+        match self.map().get(id) {
+            Some(s) if s.owner == who.name => Ok(s.clone()),
+            _ => Err(SessionError::NotFound(id.to_string())),
+        }
+    }
+
+    pub fn list(&self, who: &Principal) -> Vec<SessionInfo> {
+        let mut list: Vec<SessionInfo> = self
+            .map()
+            .values()
+            .filter(|s| s.owner == who.name)
+            .map(|s| s.info())
+            .collect();
+        list.sort_by(|a, b| a.created_unix.cmp(&b.created_unix).then(a.id.cmp(&b.id)));
+        list
+    }
+
+    pub fn close(&self, who: &Principal, id: &str) -> Result<(), SessionError> {
+        let session = self.get(who, id)?;
+        self.remove(&session, "closed by its owner");
+        Ok(())
+    }
+
+    fn remove(&self, session: &Arc<Session>, why: &str) {
+        self.map().remove(&session.id);
+        session.close();
+        if let Kind::Commands(c) = &session.kind {
+            c.remove_state();
+        }
+        tracing::info!(session = %session.id, owner = %session.owner, "session closed: {why}");
+    }
+
+    /// Close sessions that have had no client for longer than their idle timeout, until
+    /// `shutdown`; then close every session.
+    pub async fn run_reaper(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => break,
+            }
+            let now = Instant::now();
+            let idle: Vec<Arc<Session>> = self
+                .map()
+                .values()
+                .filter(|s| {
+                    let st = s.status();
+                    st.attached == 0 && now.duration_since(st.last_activity) >= s.idle_timeout
+                })
+                .cloned()
+                .collect();
+            for s in idle {
+                self.remove(&s, &format!("idle for {:?} with no client", s.idle_timeout));
+            }
+        }
+        let all: Vec<Arc<Session>> = self.map().values().cloned().collect();
+        for s in all {
+            self.remove(&s, "the agent is shutting down");
+        }
+    }
+}
+
+/// A new session id: 16 hex digits from the OS's random source.
+fn new_id() -> String {
+    use rand::RngExt;
+    format!("{:016x}", rand::rng().random::<u64>())
+}
+
+/// Signal names accepted from clients.
+pub fn parse_signal(name: &str) -> Option<nix::sys::signal::Signal> {
+    use nix::sys::signal::Signal::*;
+    Some(match name.trim_start_matches("SIG") {
+        "INT" => SIGINT,
+        "TERM" => SIGTERM,
+        "KILL" => SIGKILL,
+        "HUP" => SIGHUP,
+        "QUIT" => SIGQUIT,
+        "USR1" => SIGUSR1,
+        "USR2" => SIGUSR2,
+        "CONT" => SIGCONT,
+        "STOP" => SIGSTOP,
+        "TSTP" => SIGTSTP,
+        "WINCH" => SIGWINCH,
+        _ => return None,
+    })
+}

@@ -1,0 +1,158 @@
+//! Subsystem mode, for hosts that keep their own sshd (as PowerShell over SSH does): a
+//! private OpenSSH sshd on 127.0.0.1 runs `remote-agent subsystem` for `ssh -s … remote`,
+//! which bridges to the running agent's local socket. The sessions live in the agent, so
+//! they outlive the SSH connection that created them. Needs root (CI runs as root).
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use remote_tests::session_client::{Collected, ProtoClient, session};
+use remote_tests::*;
+use session::server_frame;
+
+struct Sshd {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_sshd(agent: &Agent, client_key: &ClientKey) -> Sshd {
+    let sshd = require_tool("sshd", "openssh-server");
+    let dir = agent.dir.path();
+    let host_key = dir.join("sshd_host_key");
+    let st = Command::new(require_tool("ssh-keygen", "openssh-client"))
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&host_key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::copy(&client_key.public, dir.join("authorized_keys")).unwrap();
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let port = free_port();
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {d}/sshd.pid\n\
+             AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PermitRootLogin prohibit-password\nLogLevel ERROR\n\
+             Subsystem remote {agent} subsystem --socket {sock}\n",
+            hk = host_key.display(),
+            d = dir.display(),
+            agent = bin("remote-agent").display(),
+            sock = agent.socket.display(),
+        ),
+    )
+    .unwrap();
+    let child = Command::new(sshd)
+        .args(["-D", "-e", "-f"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start sshd");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "sshd did not start on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Sshd { child, port }
+}
+
+fn via_sshd(sshd: &Sshd, key: &ClientKey) -> ProtoClient {
+    let mut cmd = Command::new(require_tool("ssh", "openssh-client"));
+    cmd.args(ssh_options(sshd.port))
+        .args(["-o", "BatchMode=yes", "-i"])
+        .arg(&key.private)
+        .args(["-s", "root@127.0.0.1", "remote"]);
+    ProtoClient::over(cmd)
+}
+
+#[test]
+fn sessions_opened_through_sshd_outlive_the_ssh_connection() {
+    if !is_root() {
+        eprintln!(
+            "sessions_opened_through_sshd_outlive_the_ssh_connection: NOT RUN — needs root (CI runs as root)"
+        );
+        return;
+    }
+    let agent = Agent::start();
+    let key = agent.key("root_key");
+    let sshd = start_sshd(&agent, &key);
+
+    let mut first = via_sshd(&sshd, &key);
+    let s = first.open_commands();
+    assert_eq!(
+        s.owner, "root",
+        "the OS user sshd authenticated owns the session"
+    );
+    assert_eq!(
+        first.exec(&s.id, "cd /tmp; echo $(id -un)").stdout,
+        b"root\n"
+    );
+    first.start(&s.id, "sleep 1; echo produced-while-away");
+    first.close(); // the SSH connection that created the session is gone
+
+    std::thread::sleep(Duration::from_secs(2));
+    let mut second = via_sshd(&sshd, &key);
+    let listed = second.list();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].id, s.id);
+    assert!(matches!(
+        second.attach(&s.id, false).msg,
+        Some(server_frame::Msg::Attached(_))
+    ));
+    let mut got = Collected::default();
+    loop {
+        match second.recv(Duration::from_secs(20)).msg {
+            Some(server_frame::Msg::Record(r)) => {
+                got.add(&r);
+                second.ack(r.seq);
+            }
+            Some(server_frame::Msg::Done(_)) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        String::from_utf8_lossy(&got.stdout).contains("produced-while-away"),
+        "{:?}",
+        String::from_utf8_lossy(&got.stdout)
+    );
+    // State carried over from the first connection.
+    assert_eq!(second.exec(&s.id, "pwd").stdout, b"/tmp\n");
+}
+
+#[test]
+fn subsystem_without_a_running_agent_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_with_timeout(
+        Command::new(bin("remote-agent"))
+            .arg("subsystem")
+            .arg("--socket")
+            .arg(dir.path().join("nobody-here.sock")),
+        None,
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("no remote-agent is running"), "{err}");
+    assert!(err.contains("remote-agent run"), "{err}");
+}
