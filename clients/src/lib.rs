@@ -1,6 +1,29 @@
-//! `remote-client`: the client library and the `remote` command (design.md §5). This crate is
-//! a skeleton in the workspace layout; the SSH transport and the `remote run|shell|session|
-//! exec|attach|receive` commands arrive with the persistent-sessions issue (issue 3). It
-//! depends only on `remote-proto`, never on the agent.
+//! `remote-client`: the client library behind the `remote` command (design.md §5).
+//!
+//! * [`target`]: `[scheme://][user@]host[:port]` targets;
+//! * [`config`]: where client state lives (`$XDG_CONFIG_HOME/remote`);
+//! * [`known_hosts`]: host key trust (accept new, refuse changed);
+//! * [`auth`]: credentials (keys, ssh-agent, password);
+//! * [`ssh`]: connect, authenticate, run commands and shells over russh's client;
+//! * [`run`]: `remote run`, one command on many targets at once;
+//! * [`shell`]: `remote shell`, an interactive shell;
+//! * [`output`], [`terminal`]: local stdout/stderr and the local terminal.
+//!
+//! It depends only on `remote-proto`, never on the agent.
+
+pub mod auth;
+pub mod config;
+pub mod known_hosts;
+pub mod output;
+pub mod run;
+pub mod shell;
+pub mod ssh;
+pub mod target;
+pub mod terminal;
 
 pub use remote_proto::PROTOCOL_VERSION;
+
+/// A note for the user on stderr: `remote: MESSAGE`.
+pub fn notice(message: &str) {
+    eprintln!("remote: {message}");
+}

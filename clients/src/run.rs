@@ -1,0 +1,417 @@
+//! `remote run`: one command on many targets at once. Each target gets its own tokio task
+//! and SSH connection; a semaphore keeps at most `throttle` of them going. With one target
+//! the output passes through unchanged and stdin is forwarded; with several, every line is
+//! prefixed `label: ` and stdin is not read (the commands see EOF at once); `--json`
+//! collects everything into one JSON object per target instead.
+//!
+//! Interrupts ([`Interrupt`]) reach the remote commands as SSH `signal` requests (INT);
+//! targets still connecting when one arrives give up before starting the command.
+//!
+//! In JSON, `exit_code` is the code `remote` would report for that target (the status, or
+//! 128 + signal number when `signal` is set); it and `signal` are `null` when `error` is set.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use russh::Sig;
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::output::{LinePrefixer, Output, Stream};
+use crate::ssh::{Client, Exit, ProcessEvent, ProcessInput, SshError};
+use crate::target::Target;
+
+/// How output is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputMode {
+    /// Unchanged, binary-safe (one target).
+    Passthrough,
+    /// `label: line` (several targets).
+    Prefixed,
+    /// Collected; one JSON object per target at the end.
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// At most this many targets at once (≥ 1).
+    pub throttle: usize,
+    pub mode: OutputMode,
+    /// Forward local stdin to the command (one target only); otherwise it gets EOF.
+    pub forward_stdin: bool,
+}
+
+/// Ctrl+C, shared between the signal handler and the running targets.
+pub struct Interrupt {
+    count: watch::Sender<u64>,
+    started: AtomicUsize,
+}
+
+impl Interrupt {
+    pub fn new() -> Arc<Interrupt> {
+        Arc::new(Interrupt {
+            count: watch::Sender::new(0),
+            started: AtomicUsize::new(0),
+        })
+    }
+
+    /// Send INT to every running command; stop targets that have not started yet.
+    pub fn fire(&self) {
+        self.count.send_modify(|n| *n += 1);
+    }
+
+    pub fn fired(&self) -> bool {
+        *self.count.borrow() > 0
+    }
+
+    /// How many remote commands have been started (0: nothing to interrupt remotely).
+    pub fn commands_started(&self) -> usize {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    /// A receiver that wakes on each interrupt from now on.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.count.subscribe()
+    }
+
+    /// Count a started command (for front ends driving [`crate::ssh`] directly).
+    pub fn command_started(&self) {
+        self.started.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The result for one target.
+#[derive(Debug)]
+pub struct TargetResult {
+    pub target: Target,
+    pub outcome: Result<Exit, SshError>,
+    /// Collected output (JSON mode only).
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl TargetResult {
+    /// The exit code for this target: the command's, or 255 when it could not be run.
+    pub fn exit_code(&self) -> i32 {
+        match &self.outcome {
+            Ok(exit) => exit.code(),
+            Err(_) => 255,
+        }
+    }
+
+    /// `label: exit 3`, `label: exit 130 (signal INT)`, `label: error: …`.
+    pub fn summary(&self) -> String {
+        let label = self.target.label();
+        match &self.outcome {
+            Ok(exit @ Exit::Code(_)) => format!("{label}: exit {}", exit.code()),
+            Ok(exit @ Exit::Signal { name, core_dumped }) => format!(
+                "{label}: exit {} (signal {name}{})",
+                exit.code(),
+                if *core_dumped { ", core dumped" } else { "" }
+            ),
+            Err(e) => format!("{label}: error: {e}"),
+        }
+    }
+
+    /// One JSON object: {"target","exit_code","signal","stdout","stderr","error"}.
+    pub fn to_json(&self) -> String {
+        let (code, signal, error) = match &self.outcome {
+            Ok(exit) => (
+                exit.code().to_string(),
+                exit.signal().map_or("null".into(), json_string),
+                "null".to_string(),
+            ),
+            Err(e) => ("null".into(), "null".into(), json_string(&e.to_string())),
+        };
+        format!(
+            "{{\"target\":{},\"exit_code\":{code},\"signal\":{signal},\"stdout\":{},\"stderr\":{},\"error\":{error}}}",
+            json_string(&self.target.spec),
+            json_string(&String::from_utf8_lossy(&self.stdout)),
+            json_string(&String::from_utf8_lossy(&self.stderr)),
+        )
+    }
+}
+
+/// The first non-zero exit code in target order, or 0.
+pub fn overall_exit_code(results: &[TargetResult]) -> i32 {
+    results
+        .iter()
+        .map(TargetResult::exit_code)
+        .find(|&c| c != 0)
+        .unwrap_or(0)
+}
+
+/// A JSON string literal.
+pub fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                out.push_str(&format!("\\u{:04x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The command line sent to the targets: a single argument as-is (so it can be a
+/// pipeline); otherwise the command followed by each argument, shell-quoted when needed
+/// (`echo 'a b'` prints `a b` remotely).
+pub fn command_line(args: &[OsString]) -> Vec<u8> {
+    let mut line = Vec::new();
+    let mut it = args.iter();
+    if let Some(first) = it.next() {
+        line.extend_from_slice(first.as_bytes());
+    }
+    for arg in it {
+        line.push(b' ');
+        line.extend_from_slice(&shell_quote(arg.as_bytes()));
+    }
+    line
+}
+
+/// POSIX shell quoting: unchanged when only safe characters, else in single quotes.
+pub fn shell_quote(arg: &[u8]) -> Vec<u8> {
+    let safe = |b: &u8| b.is_ascii_alphanumeric() || b"_@%+=:,./-".contains(b);
+    if !arg.is_empty() && arg.iter().all(safe) {
+        return arg.to_vec();
+    }
+    let mut q = Vec::with_capacity(arg.len() + 2);
+    q.push(b'\'');
+    for &b in arg {
+        if b == b'\'' {
+            q.extend_from_slice(b"'\\''");
+        } else {
+            q.push(b);
+        }
+    }
+    q.push(b'\'');
+    q
+}
+
+/// Run `command` on every target; results in target order.
+pub async fn run(
+    client: Arc<Client>,
+    targets: Vec<Target>,
+    command: Vec<u8>,
+    options: RunOptions,
+    interrupt: Arc<Interrupt>,
+    output: Output,
+) -> Vec<TargetResult> {
+    let command: Arc<[u8]> = command.into();
+    let permits = Arc::new(Semaphore::new(options.throttle.max(1)));
+    let mut tasks = Vec::with_capacity(targets.len());
+    for target in targets {
+        let job = Job {
+            client: client.clone(),
+            command: command.clone(),
+            mode: options.mode,
+            forward_stdin: options.forward_stdin,
+            interrupt: interrupt.clone(),
+            output: output.clone(),
+        };
+        let permits = permits.clone();
+        let spawned_target = target.clone();
+        let task = tokio::spawn(async move {
+            // Fair semaphore: targets start in the order given.
+            let _permit = permits.acquire_owned().await;
+            job.run(spawned_target).await
+        });
+        tasks.push((target, task));
+    }
+    let mut results = Vec::with_capacity(tasks.len());
+    for (target, task) in tasks {
+        results.push(match task.await {
+            Ok(r) => r,
+            Err(e) => TargetResult {
+                outcome: Err(SshError::Internal {
+                    addr: target.host_port(),
+                    detail: e.to_string(),
+                }),
+                target,
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+            },
+        });
+    }
+    output.flush().await;
+    results
+}
+
+struct Job {
+    client: Arc<Client>,
+    command: Arc<[u8]>,
+    mode: OutputMode,
+    forward_stdin: bool,
+    interrupt: Arc<Interrupt>,
+    output: Output,
+}
+
+impl Job {
+    async fn run(self, target: Target) -> TargetResult {
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let outcome = self.drive(&target, &mut stdout, &mut stderr).await;
+        TargetResult {
+            target,
+            outcome,
+            stdout,
+            stderr,
+        }
+    }
+
+    async fn drive(
+        &self,
+        target: &Target,
+        stdout: &mut Vec<u8>,
+        stderr: &mut Vec<u8>,
+    ) -> Result<Exit, SshError> {
+        let interrupted = || SshError::Interrupted {
+            addr: target.host_port(),
+        };
+        let mut intr = self.interrupt.subscribe();
+        if self.interrupt.fired() {
+            return Err(interrupted());
+        }
+        let conn = tokio::select! {
+            c = self.client.connect(target) => c?,
+            _ = intr.changed() => return Err(interrupted()),
+        };
+        if self.interrupt.fired() {
+            conn.disconnect().await;
+            return Err(interrupted());
+        }
+        let mut process = conn.exec(&self.command).await?;
+        self.interrupt.command_started();
+        let input = process.input();
+        if self.forward_stdin {
+            forward_stdin(input.clone());
+        } else {
+            let _ = input.eof().await;
+        }
+        let mut prefixer = LinePrefixer::new(&target.label());
+        loop {
+            tokio::select! {
+                event = process.next_event() => {
+                    let event = match event {
+                        Ok(Some(e)) => e,
+                        Ok(None) => break,
+                        Err(e) => {
+                            let _ = input.close().await;
+                            conn.disconnect().await;
+                            return Err(e);
+                        }
+                    };
+                    let (stream, data) = match event {
+                        ProcessEvent::Stdout(d) => (Stream::Stdout, d),
+                        ProcessEvent::Stderr(d) => (Stream::Stderr, d),
+                    };
+                    match self.mode {
+                        OutputMode::Passthrough => self.output.write(stream, data).await,
+                        OutputMode::Prefixed => {
+                            if let Some(lines) = prefixer.push(stream, &data) {
+                                self.output.write(stream, lines).await;
+                            }
+                        }
+                        OutputMode::Json => match stream {
+                            Stream::Stdout => stdout.extend_from_slice(&data),
+                            Stream::Stderr => stderr.extend_from_slice(&data),
+                        },
+                    }
+                }
+                Ok(()) = intr.changed() => {
+                    tracing::debug!(target = %target, "sending INT");
+                    let _ = input.signal(Sig::INT).await;
+                }
+            }
+        }
+        if self.mode == OutputMode::Prefixed {
+            for stream in [Stream::Stdout, Stream::Stderr] {
+                if let Some(line) = prefixer.finish(stream) {
+                    self.output.write(stream, line).await;
+                }
+            }
+        }
+        conn.disconnect().await;
+        process.finish()
+    }
+}
+
+/// Copy local stdin to the remote command, then send EOF. A plain thread reads stdin
+/// (blocking reads, stdin left in blocking mode for whoever shares it); the process does
+/// not wait for it when it exits.
+pub fn forward_stdin(input: ProcessInput) {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+    let reader = std::thread::Builder::new()
+        .name("remote-stdin".into())
+        .spawn(move || {
+            let stdin = std::io::stdin();
+            let mut lock = stdin.lock();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match lock.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if tx.blocking_send(Bytes::copy_from_slice(&buf[..n])).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::debug!("stdin: {e}");
+                        break;
+                    }
+                }
+            }
+        });
+    if let Err(e) = reader {
+        tracing::warn!("cannot read stdin: {e}");
+    }
+    tokio::spawn(async move {
+        while let Some(data) = rx.recv().await {
+            if input.data(data).await.is_err() {
+                return;
+            }
+        }
+        let _ = input.eof().await;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(args: &[&str]) -> String {
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        String::from_utf8(command_line(&args)).unwrap()
+    }
+
+    #[test]
+    fn one_argument_is_passed_as_is() {
+        assert_eq!(line(&["echo $HOME | wc -c"]), "echo $HOME | wc -c");
+    }
+
+    #[test]
+    fn arguments_are_quoted_when_needed() {
+        assert_eq!(line(&["echo", "a b"]), "echo 'a b'");
+        assert_eq!(line(&["ls", "-l", "/tmp"]), "ls -l /tmp");
+        assert_eq!(line(&["echo", "it's", ""]), "echo 'it'\\''s' ''");
+        assert_eq!(line(&["echo", "$x", "*", "a;b"]), "echo '$x' '*' 'a;b'");
+    }
+
+    #[test]
+    fn json_escapes() {
+        assert_eq!(json_string("a\"b\\c\n\u{1}é"), "\"a\\\"b\\\\c\\n\\u0001é\"");
+    }
+}
