@@ -140,6 +140,14 @@ impl FileConfig {
             .clone()
             .or(self.state_dir)
             .unwrap_or_else(crate::paths::default_state_dir);
+        // Processes run elsewhere (in the user's home): paths handed to them must be absolute.
+        let state_dir = if state_dir.is_relative() {
+            std::env::current_dir()
+                .map(|d| d.join(&state_dir))
+                .unwrap_or(state_dir)
+        } else {
+            state_dir
+        };
         let f = self.ssh;
         let listen = flags
             .ssh
@@ -163,7 +171,7 @@ impl FileConfig {
         };
         let mut sessions = crate::session::SessionDefaults::default();
         if let Some(mb) = self.sessions.journal_mb {
-            sessions.journal_bytes = (mb.clamp(1, 1024) as usize) << 20;
+            sessions.journal_bytes = (mb.clamp(1, 2048) as usize) << 20;
         }
         if let Some(secs) = self.sessions.idle_timeout_secs {
             sessions.idle_timeout = Duration::from_secs(secs.max(1));

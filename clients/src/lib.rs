@@ -6,6 +6,8 @@
 //! * [`auth`]: credentials (keys, ssh-agent, password);
 //! * [`ssh`]: connect, authenticate, run commands and shells over russh's client;
 //! * [`run`]: `remote run`, one command on many targets at once;
+//! * [`session`]: persistent sessions: the session protocol on the `remote` subsystem, and
+//!   how sessions are named; [`follow`]: `exec`, `attach` and `receive` on the terminal;
 //! * [`shell`]: `remote shell`, an interactive shell;
 //! * [`output`], [`terminal`]: local stdout/stderr and the local terminal.
 //!
@@ -13,9 +15,11 @@
 
 pub mod auth;
 pub mod config;
+pub mod follow;
 pub mod known_hosts;
 pub mod output;
 pub mod run;
+pub mod session;
 pub mod shell;
 pub mod ssh;
 pub mod target;

@@ -15,9 +15,14 @@ use remote_client::auth::{CredentialOptions, Credentials};
 use remote_client::known_hosts::KnownHosts;
 use remote_client::output::{Output, Stream};
 use remote_client::run::{self, Interrupt, OutputMode, RunOptions};
+use remote_client::session::{self, SessionChannel, SessionRef};
 use remote_client::ssh::{Client, ClientOptions};
 use remote_client::target::Target;
-use remote_client::{config, shell, terminal};
+use remote_client::{config, follow, shell, terminal};
+use remote_proto::session::{
+    Buffering, CloseSession, ListSessions, OpenSession, SessionInfo, SessionState, Shape,
+    TerminalSize, client_frame, server_frame,
+};
 
 #[derive(Parser)]
 #[command(
@@ -69,6 +74,82 @@ enum Command {
     Run(RunArgs),
     /// Open an interactive shell on a target (with a terminal when stdin is one).
     Shell(ShellArgs),
+    /// Persistent sessions: open, list, remove. They outlive every connection to them.
+    #[command(subcommand)]
+    Session(SessionCommand),
+    /// Run a command in a session and follow it to its exit. Its working directory and
+    /// exported variables carry over to the session's next command. stdin is forwarded;
+    /// Ctrl+C is sent to the command, a second Ctrl+C leaves it running.
+    Exec(ExecArgs),
+    /// Attach to a session: what it produced since it was last seen, then live output; a
+    /// terminal session gets your keystrokes. Detach with Enter ~ . (or Ctrl+C on a commands
+    /// session); the session keeps running.
+    Attach(SessionArg),
+    /// Print what a session produced since it was last seen, without attaching.
+    Receive(SessionArg),
+}
+
+#[derive(Subcommand)]
+enum SessionCommand {
+    /// Open a session on TARGET and print its id (alone, on the last line of stdout).
+    New(SessionNewArgs),
+    /// List your sessions on TARGET (default: the targets of sessions opened from here).
+    List {
+        #[arg(value_name = "TARGET")]
+        target: Option<String>,
+    },
+    /// Close a session and end everything running in it.
+    Rm(SessionArg),
+}
+
+#[derive(Args)]
+struct SessionNewArgs {
+    /// Where: [ssh://][user@]host[:port].
+    #[arg(value_name = "TARGET")]
+    target: String,
+    /// A name to recognise it by in `remote session list`.
+    #[arg(long)]
+    name: Option<String>,
+    /// The session configuration to use on the agent.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// A terminal session (your login shell on a pty) instead of a commands session.
+    #[arg(long)]
+    terminal: bool,
+    /// What to do when its output buffer is full and nobody reads: block (the process
+    /// waits; nothing is lost) or drop (oldest output is discarded and counted).
+    #[arg(long, value_name = "block|drop")]
+    buffering: Option<String>,
+    /// Output kept while nobody reads, in MiB (default: the agent's, 64).
+    #[arg(long, value_name = "MIB")]
+    journal_mb: Option<u64>,
+    /// Close the session after this long without a client (default: the agent's, 2 h).
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<u64>,
+}
+
+#[derive(Args)]
+struct SessionArg {
+    /// TARGET/ID, or an ID printed by `remote session new` on this machine.
+    #[arg(value_name = "SESSION")]
+    session: String,
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// TARGET/ID, or an ID printed by `remote session new` on this machine.
+    #[arg(value_name = "SESSION")]
+    session: String,
+    /// Do not forward stdin (the command sees end of input at once).
+    #[arg(short = 'n', long)]
+    no_stdin: bool,
+    /// Start the command and return at once; its output stays in the session
+    /// (remote receive / remote attach).
+    #[arg(short = 'd', long)]
+    detach: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
 }
 
 #[derive(Args)]
@@ -146,7 +227,213 @@ async fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Run(args) => run_command(&cli.global, args).await,
         Command::Shell(args) => shell_command(&cli.global, args).await,
+        Command::Session(cmd) => session_command(&cli.global, cmd).await,
+        Command::Exec(args) => {
+            let sref = SessionRef::parse(&args.session)?;
+            let forward = !args.no_stdin && !cli.global.password_stdin;
+            let command = String::from_utf8_lossy(&run::command_line(&args.command)).into_owned();
+            with_session(&cli.global, &sref.target, async |ch| {
+                if args.detach {
+                    follow::start(ch, &sref.id, &command).await
+                } else {
+                    follow::exec(ch, &sref.id, &command, forward).await
+                }
+            })
+            .await
+        }
+        Command::Attach(args) => {
+            let sref = SessionRef::parse(&args.session)?;
+            restore_terminal_on_termination()?;
+            with_session(&cli.global, &sref.target, async |ch| {
+                follow::attach(ch, &sref.id).await
+            })
+            .await
+        }
+        Command::Receive(args) => {
+            let sref = SessionRef::parse(&args.session)?;
+            with_session(&cli.global, &sref.target, async |ch| {
+                follow::receive(ch, &sref.id).await
+            })
+            .await
+        }
     }
+}
+
+/// Connect to `target`, open its session channel, and run `f` on it.
+async fn with_session<F>(global: &GlobalArgs, target: &Target, f: F) -> Result<i32>
+where
+    F: AsyncFnOnce(&mut SessionChannel) -> Result<i32, session::SessionError>,
+{
+    target.require_ssh()?;
+    let client = make_client(global).await?;
+    let conn = client.connect(target).await?;
+    let mut ch = SessionChannel::open(&conn).await?;
+    let result = f(&mut ch).await;
+    ch.close().await;
+    conn.disconnect().await;
+    Ok(result?)
+}
+
+async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32> {
+    match cmd {
+        SessionCommand::New(args) => {
+            let target = Target::parse(&args.target)?;
+            let buffering = match args.buffering.as_deref() {
+                None => Buffering::Default,
+                Some("block") => Buffering::Block,
+                Some("drop") => Buffering::Drop,
+                Some(other) => anyhow::bail!("--buffering {other}: use block or drop"),
+            };
+            let (cols, rows) = terminal::window_size().unwrap_or((80, 24));
+            let open = OpenSession {
+                shape: if args.terminal {
+                    Shape::Terminal
+                } else {
+                    Shape::Commands
+                } as i32,
+                name: args.name.clone().unwrap_or_default(),
+                endpoint: args.endpoint.clone().unwrap_or_default(),
+                buffering: buffering as i32,
+                journal_bytes: args.journal_mb.map(|m| m << 20).unwrap_or(0),
+                idle_timeout_secs: args.idle_timeout.unwrap_or(0),
+                size: Some(TerminalSize { rows, cols }),
+                term: std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
+                attach: false,
+            };
+            let spec = target.spec.clone();
+            with_session(global, &target, async |ch| {
+                let reply = ch.request(client_frame::Msg::Open(open)).await?;
+                let Some(server_frame::Msg::Opened(o)) = reply.msg else {
+                    return Err(session::SessionError::Protocol {
+                        addr: ch.addr().to_string(),
+                        detail: "no answer to open".into(),
+                    });
+                };
+                let info = o.session.unwrap_or_default();
+                session::record(&info.id, &spec)?;
+                remote_client::notice(&format!(
+                    "opened session {id} on {spec}; from another machine: remote attach {spec}/{id}",
+                    id = info.id
+                ));
+                println!("{}", info.id);
+                Ok(0)
+            })
+            .await
+        }
+        SessionCommand::List { target } => {
+            let targets = match target {
+                Some(t) => vec![t],
+                None => session::recorded_targets(),
+            };
+            if targets.is_empty() {
+                remote_client::notice(
+                    "no sessions opened from this machine; name a target: remote session list TARGET",
+                );
+                return Ok(0);
+            }
+            let mut rows = Vec::new();
+            let mut failed = 0;
+            for t in &targets {
+                let target = Target::parse(t)?;
+                let listed = with_session(global, &target, async |ch| {
+                    let reply = ch.request(client_frame::Msg::List(ListSessions {})).await?;
+                    if let Some(server_frame::Msg::Sessions(l)) = reply.msg {
+                        for s in l.sessions {
+                            rows.push((t.clone(), s));
+                        }
+                    }
+                    Ok(0)
+                })
+                .await;
+                if let Err(e) = listed {
+                    eprintln!("remote: {t}: {e:#}");
+                    failed += 1;
+                }
+            }
+            print_sessions(&rows);
+            Ok(if failed > 0 { 255 } else { 0 })
+        }
+        SessionCommand::Rm(args) => {
+            let sref = SessionRef::parse(&args.session)?;
+            let id = sref.id.clone();
+            let code = with_session(global, &sref.target, async |ch| {
+                ch.request(client_frame::Msg::Close(CloseSession {
+                    session_id: id.clone(),
+                }))
+                .await?;
+                Ok(0)
+            })
+            .await?;
+            session::forget(&sref.id);
+            Ok(code)
+        }
+    }
+}
+
+fn print_sessions(rows: &[(String, SessionInfo)]) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let age = |t: i64| -> String {
+        if t <= 0 {
+            return "-".into();
+        }
+        let s = (now - t).max(0);
+        match s {
+            0..60 => format!("{s}s ago"),
+            60..3600 => format!("{}m ago", s / 60),
+            3600..86400 => format!("{}h ago", s / 3600),
+            _ => format!("{}d ago", s / 86400),
+        }
+    };
+    println!(
+        "{:<16}  {:<16}  {:<8}  {:<12}  {:>7}  {:>8}  {:<9}  {:<11}  TARGET",
+        "ID", "NAME", "SHAPE", "STATE", "CLIENTS", "COMMANDS", "CREATED", "LAST OUTPUT"
+    );
+    for (target, s) in rows {
+        let shape = if s.shape == Shape::Terminal as i32 {
+            "terminal"
+        } else {
+            "commands"
+        };
+        let state = match SessionState::try_from(s.state).unwrap_or(SessionState::StateUnspecified)
+        {
+            SessionState::StateOpened => "opened",
+            SessionState::StateDisconnected => "disconnected",
+            SessionState::StateClosed => "closed",
+            SessionState::StateUnspecified => "?",
+        };
+        let name = if s.name == s.id { "-" } else { s.name.as_str() };
+        println!(
+            "{:<16}  {:<16}  {:<8}  {:<12}  {:>7}  {:>8}  {:<9}  {:<11}  {}",
+            s.id,
+            name,
+            shape,
+            state,
+            s.attached_clients,
+            s.running_commands,
+            age(s.created_unix),
+            age(s.last_output_unix),
+            target
+        );
+    }
+}
+
+/// While attached (raw terminal), SIGTERM and SIGHUP still leave the terminal as it was.
+fn restore_terminal_on_termination() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    tokio::spawn(async move {
+        let code = tokio::select! {
+            _ = sigterm.recv() => 143,
+            _ = sighup.recv() => 129,
+        };
+        let _ = terminal::restore();
+        std::process::exit(code);
+    });
+    Ok(())
 }
 
 async fn make_client(global: &GlobalArgs) -> Result<Arc<Client>> {

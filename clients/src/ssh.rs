@@ -500,6 +500,21 @@ impl Connection {
         Ok(RemoteProcess::new(channel, &self.addr, pending))
     }
 
+    /// Start the subsystem `name` (e.g. `remote`, the agent's session protocol) on a new
+    /// session channel; its stdout carries the subsystem's bytes.
+    pub async fn subsystem(&self, name: &str) -> Result<RemoteProcess, SshError> {
+        let channel = self.open().await?;
+        channel
+            .request_subsystem(true, name)
+            .await
+            .map_err(|e| self.lost(e))?;
+        Ok(RemoteProcess::new(
+            channel,
+            &self.addr,
+            vec!["session service (subsystem)"],
+        ))
+    }
+
     /// Say goodbye (does not wait).
     pub async fn disconnect(&self) {
         let _ = self

@@ -209,6 +209,44 @@ fn terminal_session_survives_detach() {
 }
 
 #[test]
+fn several_clients_attached_at_once_all_see_output_and_any_can_type() {
+    let (agent, key) = setup();
+    let mut one = client(&agent, "alice", &key);
+    let s = one.open(session::OpenSession {
+        shape: session::Shape::Terminal as i32,
+        attach: true,
+        ..Default::default()
+    });
+    let mut two = client(&agent, "alice", &key);
+    assert!(matches!(
+        two.attach(&s.id, true).msg,
+        Some(server_frame::Msg::Attached(_))
+    ));
+    assert_eq!(two.list()[0].attached_clients, 2);
+    // The second client types; both see the answer.
+    two.send(client_frame::Msg::Input(session::Input {
+        data: b"echo BOTH$((20+3))\n".to_vec(),
+        eof: false,
+    }));
+    for c in [&mut one, &mut two] {
+        let mut screen = Collected::default();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !String::from_utf8_lossy(&screen.terminal).contains("BOTH23") {
+            assert!(
+                Instant::now() < deadline,
+                "{:?}",
+                String::from_utf8_lossy(&screen.terminal)
+            );
+            if let Some(f) = c.try_recv(Duration::from_millis(200))
+                && let Some(server_frame::Msg::Record(r)) = f.msg
+            {
+                screen.add(&r);
+            }
+        }
+    }
+}
+
+#[test]
 fn block_mode_stalls_the_writer_and_delivers_everything() {
     let (agent, key) = setup();
     let mut c = client(&agent, "alice", &key);

@@ -4,33 +4,7 @@
 use std::time::Duration;
 
 use remote_tests::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Reads a terminal's output and waits for text to appear.
-struct Screen {
-    reader: pty_process::OwnedReadPty,
-    seen: String,
-}
-
-impl Screen {
-    async fn expect(&mut self, needle: &str, timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut buf = [0u8; 4096];
-        while !self.seen.contains(needle) {
-            match tokio::time::timeout_at(deadline, self.reader.read(&mut buf)).await {
-                Ok(Ok(n)) if n > 0 => self.seen.push_str(&String::from_utf8_lossy(&buf[..n])),
-                Ok(_) => panic!(
-                    "terminal closed while waiting for {needle:?}; screen:\n{}",
-                    self.seen
-                ),
-                Err(_) => panic!("timed out waiting for {needle:?}; screen:\n{}", self.seen),
-            }
-        }
-        // Forget what was matched, so the next expectation needs new output.
-        let at = self.seen.find(needle).unwrap_or(0) + needle.len();
-        self.seen.drain(..at);
-    }
-}
+use tokio::io::AsyncWriteExt;
 
 #[tokio::test]
 async fn interactive_shell_with_pty_resize_ctrl_c_and_exit_code() {
@@ -50,10 +24,7 @@ async fn interactive_shell_with_pty_resize_ctrl_c_and_exit_code() {
         .spawn(pts)
         .unwrap();
     let (reader, mut writer) = pty.into_split();
-    let mut screen = Screen {
-        reader,
-        seen: String::new(),
-    };
+    let mut screen = Screen::new(reader);
     let t = Duration::from_secs(20);
 
     // A remote terminal: tty names a pseudo-terminal, TERM came through.

@@ -141,6 +141,44 @@ fn sessions_opened_through_sshd_outlive_the_ssh_connection() {
 }
 
 #[test]
+fn remote_client_through_sshd_disconnects_and_reattaches() {
+    if !is_root() {
+        eprintln!(
+            "remote_client_through_sshd_disconnects_and_reattaches: NOT RUN — needs root (CI runs as root)"
+        );
+        return;
+    }
+    let agent = Agent::start();
+    let key = agent.key("root_key");
+    let sshd = start_sshd(&agent, &key);
+    let target = format!("ssh://root@127.0.0.1:{}", sshd.port);
+    let client = Client::new();
+    let remote = |args: &[&str]| {
+        let mut cmd = client.remote();
+        cmd.arg("--identity").arg(&key.private).args(args);
+        run_with_timeout(&mut cmd, None, Duration::from_secs(60))
+    };
+    let out = remote(&["session", "new", &target]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    let out = remote(&["exec", &id, "--", "cd /tmp; echo started"]);
+    assert_eq!(stdout(&out), "started\n", "{}", stderr(&out));
+    let out = remote(&["exec", "--detach", &id, "--", "sleep 1; echo while-away"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Every SSH connection above is gone; the session is not.
+    std::thread::sleep(Duration::from_millis(1500));
+    let other = Client::new();
+    let mut cmd = other.remote();
+    cmd.arg("--identity")
+        .arg(&key.private)
+        .args(["receive", &format!("{target}/{id}")]);
+    let out = run_with_timeout(&mut cmd, None, Duration::from_secs(60));
+    assert_eq!(stdout(&out), "while-away\n", "{}", stderr(&out));
+    let out = remote(&["exec", &id, "--", "pwd"]);
+    assert_eq!(stdout(&out), "/tmp\n");
+}
+
+#[test]
 fn subsystem_without_a_running_agent_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let out = run_with_timeout(

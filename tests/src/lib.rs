@@ -444,3 +444,101 @@ pub fn same_contents(a: &Path, b: &Path) -> bool {
     };
     x == y
 }
+
+/// A client machine for tests: its own HOME and XDG_CONFIG_HOME (so its own known_hosts
+/// and session record), no ssh-agent, no password in the environment.
+pub struct Client {
+    pub home: tempfile::TempDir,
+}
+
+impl Client {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Client {
+        Client {
+            home: tempfile::Builder::new()
+                .prefix("remote-client-")
+                .tempdir()
+                .expect("tempdir"),
+        }
+    }
+
+    pub fn config_home(&self) -> PathBuf {
+        self.home.path().join("config")
+    }
+
+    pub fn known_hosts(&self) -> PathBuf {
+        self.config_home().join("remote/known_hosts")
+    }
+
+    /// `remote --batch` in this environment; add arguments with `.args(..)`.
+    pub fn remote(&self) -> Command {
+        let mut cmd = Command::new(bin("remote"));
+        self.env(&mut cmd);
+        cmd.arg("--batch");
+        cmd
+    }
+
+    pub fn env(&self, cmd: &mut Command) {
+        cmd.env("HOME", self.home.path())
+            .env("XDG_CONFIG_HOME", self.config_home())
+            .env_remove("SSH_AUTH_SOCK")
+            .env_remove("REMOTE_PASSWORD")
+            .env_remove("REMOTE_LOG");
+    }
+
+    /// `remote --batch --identity KEY run TARGETS [EXTRA...] -- COMMAND...`, run to the end.
+    pub fn run(
+        &self,
+        key: &ClientKey,
+        targets: &str,
+        extra: &[&str],
+        command: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Output {
+        let mut cmd = self.remote();
+        cmd.arg("--identity")
+            .arg(&key.private)
+            .arg("run")
+            .arg(targets)
+            .args(extra)
+            .arg("--")
+            .args(command);
+        run_with_timeout(&mut cmd, stdin, Duration::from_secs(60))
+    }
+}
+
+/// The output side of a terminal a test drives (pty_process): wait for text to appear.
+pub struct Screen {
+    reader: pty_process::OwnedReadPty,
+    /// What arrived and was not matched yet.
+    pub seen: String,
+}
+
+impl Screen {
+    pub fn new(reader: pty_process::OwnedReadPty) -> Screen {
+        Screen {
+            reader,
+            seen: String::new(),
+        }
+    }
+
+    /// Wait until `needle` appears, then forget everything up to it, so the next
+    /// expectation needs new output.
+    pub async fn expect(&mut self, needle: &str, timeout: Duration) {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        while !self.seen.contains(needle) {
+            match tokio::time::timeout_at(deadline, self.reader.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => self.seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                Ok(_) => panic!(
+                    "terminal closed while waiting for {needle:?}; screen:\n{}",
+                    self.seen
+                ),
+                Err(_) => panic!("timed out waiting for {needle:?}; screen:\n{}", self.seen),
+            }
+        }
+        let at = self.seen.find(needle).unwrap_or(0) + needle.len();
+        self.seen.drain(..at);
+    }
+}

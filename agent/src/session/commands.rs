@@ -30,8 +30,8 @@ const WRAPPER: &str = r#"__rs_dir=$1; __rs_cmd=$2; shift 2
 if [ -f "$__rs_dir/cwd" ]; then cd -- "$(cat "$__rs_dir/cwd")" 2>/dev/null || true; fi
 __rs_save() {
   __rs_rc=$?
-  pwd > "$__rs_dir/cwd.$$" && mv -f "$__rs_dir/cwd.$$" "$__rs_dir/cwd"
-  export -p > "$__rs_dir/env.$$" && mv -f "$__rs_dir/env.$$" "$__rs_dir/env"
+  { pwd > "$__rs_dir/cwd.$$" && mv -f "$__rs_dir/cwd.$$" "$__rs_dir/cwd"; } 2>/dev/null
+  { export -p > "$__rs_dir/env.$$" && mv -f "$__rs_dir/env.$$" "$__rs_dir/env"; } 2>/dev/null
   exit $__rs_rc
 }
 trap __rs_save EXIT

@@ -35,7 +35,7 @@ impl Default for SessionDefaults {
             journal_bytes: 64 << 20,
             idle_timeout: Duration::from_secs(2 * 3600),
             buffering: Mode::Block,
-            max_journal_bytes: 1 << 30,
+            max_journal_bytes: 2 << 30,
         }
     }
 }

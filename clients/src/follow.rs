@@ -1,0 +1,442 @@
+//! Following a session's output on the local terminal: `remote exec` (one command, to its
+//! exit), `remote attach` (a whole session, live, with keystrokes for a terminal session) and
+//! `remote receive` (what was produced since the last acknowledgement, then stop). Each
+//! record is written to stdout or stderr first and acknowledged after, so a client that dies
+//! makes the next one resume exactly where this one's output ended.
+//!
+//! Detach from `attach` with Enter, `~`, `.` (like ssh's escape), or Ctrl+C on a commands
+//! session; the session keeps running.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use remote_proto::session::{
+    Ack, Attach, Input, Record, Resize, RunCommand, ServerFrame, SessionInfo, Shape, SignalRequest,
+    Stream, TerminalSize, client_frame, record, server_frame,
+};
+use tokio::io::AsyncReadExt;
+
+use crate::session::{FrameSender, SessionChannel, SessionError};
+use crate::ssh::signal_number;
+
+/// Write a record's output where it belongs. Returns the exit it reports, if any.
+fn emit(rec: &Record, command: Option<u64>) -> std::io::Result<Option<(i32, String)>> {
+    if command.is_some_and(|c| c != rec.command_id) {
+        return Ok(None);
+    }
+    match &rec.kind {
+        Some(record::Kind::Output(o)) => {
+            if o.stream == Stream::Stderr as i32 {
+                let mut e = std::io::stderr().lock();
+                e.write_all(&o.data)?;
+                e.flush()?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&o.data)?;
+                out.flush()?;
+            }
+            Ok(None)
+        }
+        Some(record::Kind::Exit(e)) => Ok(Some((e.code, e.signal.clone()))),
+        _ => Ok(None),
+    }
+}
+
+/// The exit code a shell would report for an Exit record.
+fn exit_code(code: i32, signal: &str) -> i32 {
+    if signal.is_empty() {
+        code.clamp(0, 255)
+    } else {
+        128 + signal_number(signal).unwrap_or(127)
+    }
+}
+
+fn stdio_error(e: std::io::Error) -> SessionError {
+    SessionError::Protocol {
+        addr: "local".into(),
+        detail: format!("cannot write output: {e}"),
+    }
+}
+
+/// `remote receive`: print what the session produced since the last acknowledgement.
+pub async fn receive(ch: &mut SessionChannel, id: &str) -> Result<i32, SessionError> {
+    let attached = ch
+        .request(client_frame::Msg::Attach(Attach {
+            session_id: id.to_string(),
+            from_seq: None,
+            follow: false,
+        }))
+        .await?;
+    report_drops(&attached);
+    loop {
+        let Some(frame) = ch.next().await? else {
+            return Err(SessionError::Closed {
+                addr: ch.addr().to_string(),
+            });
+        };
+        let frame = ch.check(frame)?;
+        match frame.msg {
+            Some(server_frame::Msg::Record(rec)) => {
+                emit(&rec, None).map_err(stdio_error)?;
+                ch.send(client_frame::Msg::Ack(Ack { seq: rec.seq }))
+                    .await?;
+            }
+            Some(server_frame::Msg::Done(_)) => {
+                ch.sync().await?;
+                return Ok(0);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn report_drops(frame: &ServerFrame) {
+    if let Some(server_frame::Msg::Attached(a)) = &frame.msg
+        && a.dropped_bytes > 0
+    {
+        crate::notice(&format!(
+            "{} bytes of output were dropped while nobody was attached (the session's buffering is drop); what follows is what was kept",
+            a.dropped_bytes
+        ));
+    }
+}
+
+/// Ctrl+C handling shared by exec and attach: the first one is passed on, a second within
+/// 2 s gives up waiting (the session keeps running).
+struct Interrupts {
+    stream: tokio::signal::unix::Signal,
+    last: Option<Instant>,
+}
+
+impl Interrupts {
+    fn new() -> Option<Interrupts> {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .ok()
+            .map(|stream| Interrupts { stream, last: None })
+    }
+
+    /// Waits for Ctrl+C; true when it is the second within 2 s.
+    async fn next(this: &mut Option<Interrupts>) -> bool {
+        match this {
+            Some(i) => {
+                i.stream.recv().await;
+                let twice = i.last.is_some_and(|t| t.elapsed() < Duration::from_secs(2));
+                i.last = Some(Instant::now());
+                twice
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Copy local stdin to the followed command as Input frames, then EOF.
+async fn forward_stdin(sender: FrameSender) {
+    let mut stdin = tokio::io::stdin();
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match stdin.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let msg = client_frame::Msg::Input(Input {
+                    data: buf[..n].to_vec(),
+                    eof: false,
+                });
+                if sender.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = sender
+        .send(client_frame::Msg::Input(Input {
+            data: Vec::new(),
+            eof: true,
+        }))
+        .await;
+}
+
+/// `remote exec`: run `command` in the session and follow it to its exit; returns the exit
+/// code. Ctrl+C is sent to the command as SIGINT; a second one leaves it running.
+pub async fn exec(
+    ch: &mut SessionChannel,
+    id: &str,
+    command: &str,
+    forward_input: bool,
+) -> Result<i32, SessionError> {
+    let rid = ch
+        .send(client_frame::Msg::Run(RunCommand {
+            session_id: id.to_string(),
+            command: command.to_string(),
+            follow: true,
+        }))
+        .await?;
+    let sender = ch.sender();
+    let mut stdin_task = None;
+    let mut interrupts = Interrupts::new();
+    let mut command_id = None;
+    let mut exit = None;
+    loop {
+        tokio::select! {
+            frame = ch.next() => {
+                let Some(frame) = frame? else {
+                    return Err(SessionError::Closed { addr: ch.addr().to_string() });
+                };
+                if frame.request_id != rid && frame.request_id != 0 {
+                    continue;
+                }
+                match ch.check(frame)?.msg {
+                    Some(server_frame::Msg::Accepted(a)) => {
+                        command_id = Some(a.command_id);
+                        if forward_input {
+                            stdin_task = Some(tokio::spawn(forward_stdin(sender.clone())));
+                        }
+                    }
+                    Some(server_frame::Msg::Record(rec)) => {
+                        if let Some(e) = emit(&rec, command_id).map_err(stdio_error)? {
+                            exit = Some(e);
+                        }
+                        ch.send(client_frame::Msg::Ack(Ack { seq: rec.seq })).await?;
+                    }
+                    Some(server_frame::Msg::Done(_)) => break,
+                    _ => {}
+                }
+            }
+            twice = Interrupts::next(&mut interrupts) => {
+                if twice {
+                    crate::notice(&format!("left command running in session {id}; see its output with `remote receive`"));
+                    let _ = ch.sync().await;
+                    return Ok(130);
+                }
+                ch.send(client_frame::Msg::Signal(SignalRequest {
+                    session_id: String::new(),
+                    command_id: 0,
+                    signal: "INT".into(),
+                })).await?;
+            }
+        }
+    }
+    if let Some(t) = stdin_task {
+        t.abort();
+    }
+    ch.sync().await?;
+    Ok(exit.map(|(code, sig)| exit_code(code, &sig)).unwrap_or(0))
+}
+
+/// `remote exec --detach`: start `command` in the session and return at once; its output
+/// stays in the session for `receive` or `attach`.
+pub async fn start(ch: &mut SessionChannel, id: &str, command: &str) -> Result<i32, SessionError> {
+    let reply = ch
+        .request(client_frame::Msg::Run(RunCommand {
+            session_id: id.to_string(),
+            command: command.to_string(),
+            follow: false,
+        }))
+        .await?;
+    if let Some(server_frame::Msg::Accepted(a)) = reply.msg {
+        crate::notice(&format!(
+            "started command {} in session {id}; its output: remote receive {id}",
+            a.command_id
+        ));
+    }
+    Ok(0)
+}
+
+/// Detects Enter ~ . in typed input (ssh's escape); passes everything else on.
+#[derive(Default)]
+struct Escape {
+    line_start: bool,
+    tilde: bool,
+}
+
+impl Escape {
+    fn new() -> Escape {
+        Escape {
+            line_start: true,
+            tilde: false,
+        }
+    }
+
+    /// The bytes to send, and whether the user asked to detach.
+    fn feed(&mut self, input: &[u8]) -> (Vec<u8>, bool) {
+        let mut out = Vec::with_capacity(input.len() + 1);
+        for &b in input {
+            if self.tilde {
+                self.tilde = false;
+                match b {
+                    b'.' => return (out, true),
+                    b'~' => out.push(b'~'),
+                    other => {
+                        out.push(b'~');
+                        out.push(other);
+                    }
+                }
+            } else if self.line_start && b == b'~' {
+                self.tilde = true;
+                continue;
+            } else {
+                out.push(b);
+            }
+            self.line_start = b == b'\r' || b == b'\n';
+        }
+        (out, false)
+    }
+}
+
+/// `remote attach`: follow the session live. For a terminal session with a local terminal,
+/// keystrokes and window size go to it; the session's shell exiting ends the attach with its
+/// exit code. Detaching returns 0 and leaves the session running.
+pub async fn attach(ch: &mut SessionChannel, id: &str) -> Result<i32, SessionError> {
+    let attached = ch
+        .request(client_frame::Msg::Attach(Attach {
+            session_id: id.to_string(),
+            from_seq: None,
+            follow: true,
+        }))
+        .await?;
+    report_drops(&attached);
+    let info: SessionInfo = match &attached.msg {
+        Some(server_frame::Msg::Attached(a)) => a.session.clone().unwrap_or_default(),
+        _ => SessionInfo::default(),
+    };
+    let terminal = info.shape == Shape::Terminal as i32;
+    let interactive = terminal && crate::terminal::stdin_is_tty();
+    let sender = ch.sender();
+    let _raw = if interactive {
+        crate::notice(&format!("attached to session {id}; detach with Enter ~ ."));
+        Some(crate::terminal::RawMode::enter().map_err(stdio_error)?)
+    } else {
+        crate::notice(&format!("attached to session {id}; detach with Ctrl+C"));
+        None
+    };
+    let (detach_tx, mut detach_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut tasks = Vec::new();
+    if interactive {
+        if let Some((cols, rows)) = crate::terminal::window_size() {
+            sender
+                .send(client_frame::Msg::Resize(Resize {
+                    size: Some(TerminalSize { rows, cols }),
+                }))
+                .await?;
+        }
+        let s = sender.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 4096];
+            let mut escape = Escape::new();
+            loop {
+                let n = match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let (data, detach) = escape.feed(&buf[..n]);
+                if !data.is_empty() {
+                    let msg = client_frame::Msg::Input(Input { data, eof: false });
+                    if s.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+                if detach {
+                    let _ = detach_tx.send(()).await;
+                    break;
+                }
+            }
+        }));
+        let s = sender.clone();
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut winch) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+            else {
+                return;
+            };
+            while winch.recv().await.is_some() {
+                if let Some((cols, rows)) = crate::terminal::window_size() {
+                    let msg = client_frame::Msg::Resize(Resize {
+                        size: Some(TerminalSize { rows, cols }),
+                    });
+                    if s.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    let mut interrupts = if interactive { None } else { Interrupts::new() };
+    let result = loop {
+        tokio::select! {
+            frame = ch.next() => {
+                let frame = match frame {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break Err(SessionError::Closed { addr: ch.addr().to_string() }),
+                    Err(e) => break Err(e),
+                };
+                match ch.check(frame) {
+                    Ok(ServerFrame { msg: Some(server_frame::Msg::Record(rec)), .. }) => {
+                        let exit = match emit(&rec, None) {
+                            Ok(e) => e,
+                            Err(e) => break Err(stdio_error(e)),
+                        };
+                        if let Err(e) = ch.send(client_frame::Msg::Ack(Ack { seq: rec.seq })).await {
+                            break Err(e);
+                        }
+                        if terminal && rec.command_id == 0 && let Some((code, sig)) = exit {
+                            break Ok(Some(exit_code(code, &sig)));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(SessionError::Remote { code: remote_proto::session::ErrorCode::ErrorSessionClosed, .. }) => {
+                        crate::notice(&format!("session {id} was closed"));
+                        break Ok(Some(0));
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
+            // Detached: the session goes on.
+            _ = detach_rx.recv() => break Ok(None),
+            _ = Interrupts::next(&mut interrupts) => break Ok(None),
+        }
+    };
+    for t in tasks {
+        t.abort();
+    }
+    drop(_raw);
+    if result.is_ok() {
+        // Our acknowledgements must reach the agent before we go.
+        let _ = ch.sync().await;
+    }
+    match result {
+        Ok(None) => {
+            crate::notice(&format!(
+                "detached; session {id} keeps running (remote attach {id})"
+            ));
+            Ok(0)
+        }
+        Ok(Some(code)) => Ok(code),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_sequence() {
+        let mut e = Escape::new();
+        assert_eq!(e.feed(b"ls\r"), (b"ls\r".to_vec(), false));
+        assert_eq!(e.feed(b"~."), (Vec::new(), true));
+        let mut e = Escape::new();
+        assert_eq!(e.feed(b"a~.b"), (b"a~.b".to_vec(), false));
+        let mut e = Escape::new();
+        assert_eq!(e.feed(b"~~x"), (b"~x".to_vec(), false));
+        let mut e = Escape::new();
+        assert_eq!(e.feed(b"~"), (Vec::new(), false));
+        assert_eq!(e.feed(b"q"), (b"~q".to_vec(), false));
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(exit_code(3, ""), 3);
+        assert_eq!(exit_code(-1, "TERM"), 143);
+        assert_eq!(exit_code(300, ""), 255);
+    }
+}
