@@ -92,9 +92,7 @@ fn run_as_account_runs_as_that_os_user() {
     std::fs::write(&local, "hello").unwrap();
     let batch = agent.dir.path().join("batch");
     std::fs::write(&batch, format!("put {} sftp-up.txt\n", local.display())).unwrap();
-    let mut opts = ssh_options(agent.port());
-    let p = opts.iter().position(|o| o == "-p").unwrap();
-    opts[p] = "-P".into();
+    let opts = sftp_options(agent.port());
     let out = run_with_timeout(
         Command::new(require_tool("sftp", "openssh-client"))
             .args(opts)

@@ -10,10 +10,7 @@ fn sftp(agent: &Agent, key: &ClientKey, batch: &str) -> std::process::Output {
     let batch_file = agent.dir.path().join("batch");
     std::fs::write(&batch_file, batch).unwrap();
     let mut cmd = std::process::Command::new(require_tool("sftp", "openssh-client"));
-    let mut opts = ssh_options(agent.port());
-    // sftp spells the port option -P.
-    let p = opts.iter().position(|o| o == "-p").unwrap();
-    opts[p] = "-P".into();
+    let opts = sftp_options(agent.port());
     cmd.args(opts)
         .args(["-o", "BatchMode=yes", "-i"])
         .arg(&key.private)
@@ -25,9 +22,7 @@ fn sftp(agent: &Agent, key: &ClientKey, batch: &str) -> std::process::Output {
 
 fn scp(agent: &Agent, key: &ClientKey, from: &str, to: &str) -> std::process::Output {
     let mut cmd = std::process::Command::new(require_tool("scp", "openssh-client"));
-    let mut opts = ssh_options(agent.port());
-    let p = opts.iter().position(|o| o == "-p").unwrap();
-    opts[p] = "-P".into();
+    let opts = sftp_options(agent.port());
     cmd.args(opts)
         .args(["-o", "BatchMode=yes", "-i"])
         .arg(&key.private)

@@ -370,6 +370,14 @@ pub fn ssh_options(port: u16) -> Vec<String> {
     .collect()
 }
 
+/// The same options for `sftp` and `scp`, which spell the port option `-P`.
+pub fn sftp_options(port: u16) -> Vec<String> {
+    ssh_options(port)
+        .into_iter()
+        .map(|o| if o == "-p" { "-P".to_string() } else { o })
+        .collect()
+}
+
 fn rand_suffix() -> String {
     use rand::RngExt;
     format!("{:016x}", rand::rng().random::<u64>())
