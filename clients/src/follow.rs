@@ -19,6 +19,81 @@ use tokio::io::AsyncReadExt;
 use crate::session::{FrameSender, SessionChannel, SessionError};
 use crate::ssh::signal_number;
 
+/// Acknowledgements that never hold up reading: the reader records the latest seq it wrote
+/// out, and a task of its own sends it (acknowledgements are cumulative, so only the latest
+/// matters). Waiting on a send while not reading could deadlock with the SSH layer's bounded
+/// queues when output floods in.
+struct Acker {
+    latest: tokio::sync::watch::Sender<u64>,
+    sent: tokio::sync::watch::Receiver<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Acker {
+    fn start(sender: FrameSender) -> Acker {
+        let (latest, mut wanted) = tokio::sync::watch::channel(0u64);
+        let (sent_tx, sent) = tokio::sync::watch::channel(0u64);
+        let task = tokio::spawn(async move {
+            while wanted.changed().await.is_ok() {
+                let seq = *wanted.borrow_and_update();
+                if sender
+                    .send(client_frame::Msg::Ack(Ack { seq }))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sent_tx.send_replace(seq);
+            }
+        });
+        Acker { latest, sent, task }
+    }
+
+    /// Everything up to `seq` was written out.
+    fn ack(&self, seq: u64) {
+        self.latest.send_if_modified(|s| {
+            let newer = seq > *s;
+            if newer {
+                *s = seq;
+            }
+            newer
+        });
+    }
+
+    /// Wait until the latest acknowledgement has been handed to the connection.
+    async fn flush(mut self) {
+        let want = *self.latest.borrow();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(10), self.sent.wait_for(|s| *s >= want)).await;
+        self.task.abort();
+    }
+}
+
+/// End a follow cleanly: send the last acknowledgement, then a Detach, and wait for the
+/// agent's answer, which comes after it processed everything before it. Meanwhile frames are
+/// drained (not printed, not acknowledged: the next client gets them), so nothing can block.
+async fn finish(ch: &mut SessionChannel, acker: Acker) {
+    let sender = ch.sender();
+    let closing = tokio::spawn(async move {
+        acker.flush().await;
+        let _ = sender
+            .send(client_frame::Msg::Detach(remote_proto::session::Detach {}))
+            .await;
+    });
+    let drain = async {
+        let mut detached = false;
+        while let Ok(Some(frame)) = ch.next().await {
+            if closing.is_finished() {
+                detached = true;
+            }
+            if detached && matches!(frame.msg, Some(server_frame::Msg::Done(_))) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
+}
+
 /// Write a record's output where it belongs. Returns the exit it reports, if any.
 fn emit(rec: &Record, command: Option<u64>) -> std::io::Result<Option<(i32, String)>> {
     if command.is_some_and(|c| c != rec.command_id) {
@@ -68,6 +143,7 @@ pub async fn receive(ch: &mut SessionChannel, id: &str) -> Result<i32, SessionEr
         }))
         .await?;
     report_drops(&attached);
+    let acker = Acker::start(ch.sender());
     loop {
         let Some(frame) = ch.next().await? else {
             return Err(SessionError::Closed {
@@ -78,11 +154,10 @@ pub async fn receive(ch: &mut SessionChannel, id: &str) -> Result<i32, SessionEr
         match frame.msg {
             Some(server_frame::Msg::Record(rec)) => {
                 emit(&rec, None).map_err(stdio_error)?;
-                ch.send(client_frame::Msg::Ack(Ack { seq: rec.seq }))
-                    .await?;
+                acker.ack(rec.seq);
             }
             Some(server_frame::Msg::Done(_)) => {
-                ch.sync().await?;
+                finish(ch, acker).await;
                 return Ok(0);
             }
             _ => {}
@@ -171,6 +246,7 @@ pub async fn exec(
         }))
         .await?;
     let sender = ch.sender();
+    let acker = Acker::start(ch.sender());
     let mut stdin_task = None;
     let mut interrupts = Interrupts::new();
     let mut command_id = None;
@@ -195,7 +271,7 @@ pub async fn exec(
                         if let Some(e) = emit(&rec, command_id).map_err(stdio_error)? {
                             exit = Some(e);
                         }
-                        ch.send(client_frame::Msg::Ack(Ack { seq: rec.seq })).await?;
+                        acker.ack(rec.seq);
                     }
                     Some(server_frame::Msg::Done(_)) => break,
                     _ => {}
@@ -204,7 +280,7 @@ pub async fn exec(
             twice = Interrupts::next(&mut interrupts) => {
                 if twice {
                     crate::notice(&format!("left command running in session {id}; see its output with `remote receive`"));
-                    let _ = ch.sync().await;
+                    finish(ch, acker).await;
                     return Ok(130);
                 }
                 ch.send(client_frame::Msg::Signal(SignalRequest {
@@ -218,7 +294,7 @@ pub async fn exec(
     if let Some(t) = stdin_task {
         t.abort();
     }
-    ch.sync().await?;
+    finish(ch, acker).await;
     Ok(exit.map(|(code, sig)| exit_code(code, &sig)).unwrap_or(0))
 }
 
@@ -361,6 +437,7 @@ pub async fn attach(ch: &mut SessionChannel, id: &str) -> Result<i32, SessionErr
         }));
     }
     let mut interrupts = if interactive { None } else { Interrupts::new() };
+    let acker = Acker::start(ch.sender());
     let result = loop {
         tokio::select! {
             frame = ch.next() => {
@@ -375,9 +452,7 @@ pub async fn attach(ch: &mut SessionChannel, id: &str) -> Result<i32, SessionErr
                             Ok(e) => e,
                             Err(e) => break Err(stdio_error(e)),
                         };
-                        if let Err(e) = ch.send(client_frame::Msg::Ack(Ack { seq: rec.seq })).await {
-                            break Err(e);
-                        }
+                        acker.ack(rec.seq);
                         if terminal && rec.command_id == 0 && let Some((code, sig)) = exit {
                             break Ok(Some(exit_code(code, &sig)));
                         }
@@ -401,7 +476,7 @@ pub async fn attach(ch: &mut SessionChannel, id: &str) -> Result<i32, SessionErr
     drop(_raw);
     if result.is_ok() {
         // Our acknowledgements must reach the agent before we go.
-        let _ = ch.sync().await;
+        finish(ch, acker).await;
     }
     match result {
         Ok(None) => {

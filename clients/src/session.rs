@@ -194,18 +194,6 @@ impl SessionChannel {
         }
     }
 
-    /// Make sure the agent has processed everything sent so far (acknowledgements above
-    /// all): it answers a Detach only after every earlier frame. Call before exiting.
-    pub async fn sync(&mut self) -> Result<(), SessionError> {
-        let wait = self.request(client_frame::Msg::Detach(remote_proto::session::Detach {}));
-        match tokio::time::timeout(std::time::Duration::from_secs(10), wait).await {
-            Ok(r) => r.map(|_| ()),
-            Err(_) => Err(SessionError::Closed {
-                addr: self.addr.clone(),
-            }),
-        }
-    }
-
     /// Close the channel (the agent detaches this connection; sessions stay).
     pub async fn close(self) {
         let _ = self.input.eof().await;

@@ -421,6 +421,12 @@ impl SessionHost {
             c.remove_state();
         }
         tracing::info!(session = %session.id, owner = %session.owner, "session closed: {why}");
+        // A journal can be large; give its memory back to the system once the session's
+        // tasks let go of it, or every later fork would copy page tables for it.
+        tokio::spawn(async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            release_free_memory();
+        });
     }
 
     /// Close sessions that have had no client for longer than their idle timeout, until
@@ -450,6 +456,15 @@ impl SessionHost {
         for s in all {
             self.remove(&s, "the agent is shutting down");
         }
+    }
+}
+
+/// Return freed heap memory to the operating system (glibc keeps it otherwise).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
