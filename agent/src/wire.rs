@@ -300,7 +300,10 @@ impl Conn {
             }
             Msg::Ack(a) => {
                 if let Some(f) = &self.follow {
-                    f.session.journal().ack(a.seq);
+                    match f.command {
+                        Some(command) => f.session.journal().ack_command(command, a.seq),
+                        None => f.session.journal().ack(a.seq),
+                    }
                 }
             }
             Msg::Detach(_) => {
@@ -427,6 +430,12 @@ async fn follow_journal(
     let mut next = from;
     'outer: loop {
         let batch = journal.read(next, BATCH_BYTES);
+        if batch.records.is_empty() && batch.next > next {
+            // Only records consumed on their own: step over them.
+            next = batch.next;
+            journal.move_reader(reader, next);
+            continue;
+        }
         if batch.records.is_empty() {
             if !follow {
                 let _ = out
@@ -445,6 +454,7 @@ async fn follow_journal(
             }
             continue;
         }
+        let batch_next = batch.next;
         for rec in batch.records {
             next = rec.seq + 1;
             let ends_command = command.is_some_and(|c| c == rec.command_id)
@@ -463,6 +473,7 @@ async fn follow_journal(
                 break 'outer;
             }
         }
+        next = next.max(batch_next);
         journal.move_reader(reader, next);
     }
     journal.unregister_reader(reader);

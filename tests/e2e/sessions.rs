@@ -108,6 +108,35 @@ fn reattach_from_another_connection_gets_every_line_exactly_once() {
 }
 
 #[test]
+fn following_one_command_does_not_consume_another_commands_output() {
+    let (agent, key) = setup();
+    let mut c = client(&agent, "alice", &key);
+    let s = c.open_commands();
+    // A background command prints while another is followed (and acknowledged) to its end.
+    c.start(&s.id, "for i in 1 2 3 4 5; do echo bg $i; sleep 0.1; done");
+    let fg = c.exec(&s.id, "sleep 0.3; echo fg");
+    assert_eq!(fg.stdout, b"fg\n");
+    std::thread::sleep(Duration::from_millis(600));
+    // Receiving the session shows every background line, none of the followed command's.
+    assert!(matches!(
+        c.attach(&s.id, false).msg,
+        Some(server_frame::Msg::Attached(_))
+    ));
+    let mut rest = Collected::default();
+    loop {
+        match c.recv(Duration::from_secs(20)).msg {
+            Some(server_frame::Msg::Record(r)) => rest.add(&r),
+            Some(server_frame::Msg::Done(_)) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&rest.stdout),
+        "bg 1\nbg 2\nbg 3\nbg 4\nbg 5\n"
+    );
+}
+
+#[test]
 fn other_accounts_cannot_touch_a_session_even_with_its_id() {
     let (agent, key) = setup();
     let bob_key = agent.key("bob_key");

@@ -28,6 +28,8 @@ pub enum JournalError {
 struct Stored {
     record: Record,
     size: usize,
+    /// Acknowledged on its own (by a client following its command), ahead of `acked`.
+    consumed: bool,
 }
 
 struct Inner {
@@ -68,10 +70,12 @@ pub struct Stats {
     pub last_output: Option<std::time::SystemTime>,
 }
 
-/// What a reader gets: records from its position, and how many unacknowledged bytes were
-/// evicted in front of that position (drop mode).
+/// What a reader gets: records from its position (skipping those already consumed on their
+/// own), where to read next, and how many unacknowledged bytes were evicted in front of that
+/// position (drop mode).
 pub struct Batch {
     pub records: Vec<Record>,
+    pub next: u64,
     pub dropped_before: u64,
 }
 
@@ -148,6 +152,7 @@ impl Journal {
                             kind: Some(kind),
                         },
                         size,
+                        consumed: false,
                     });
                     drop(g);
                     self.appended.send_replace(seq);
@@ -195,6 +200,7 @@ impl Journal {
         let dropped_before = if from <= g.evicted_upto { g.dropped } else { 0 };
         let mut records = Vec::new();
         let mut total = 0;
+        let mut next = from;
         let start = g
             .records
             .front()
@@ -207,11 +213,16 @@ impl Journal {
             if !records.is_empty() && total + stored.size > max_bytes {
                 break;
             }
+            next = stored.record.seq + 1;
+            if stored.consumed {
+                continue;
+            }
             total += stored.size;
             records.push(stored.record.clone());
         }
         Batch {
             records,
+            next,
             dropped_before,
         }
     }
@@ -227,6 +238,39 @@ impl Journal {
         let seq = seq.min(g.next_seq - 1);
         if seq > g.acked {
             g.acked = seq;
+            drop(g);
+            self.freed.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Record that command `command`'s records up to `seq` were consumed (by a client that
+    /// follows only that command): others' records in between stay unconsumed.
+    pub fn ack_command(&self, command: u64, seq: u64) {
+        let mut g = self.lock();
+        let Some(front) = g.records.front().map(|r| r.record.seq) else {
+            return;
+        };
+        let seq = seq.min(g.next_seq - 1);
+        let from = (g.acked + 1).max(front);
+        if seq < from {
+            return;
+        }
+        let (lo, hi) = ((from - front) as usize, (seq - front) as usize);
+        for stored in g.records.range_mut(lo..=hi) {
+            if stored.record.command_id == command {
+                stored.consumed = true;
+            }
+        }
+        // The contiguous consumed prefix becomes acknowledged.
+        let mut acked = g.acked;
+        while let Some(stored) = g.records.get((acked + 1).saturating_sub(front) as usize) {
+            if stored.record.seq != acked + 1 || !stored.consumed {
+                break;
+            }
+            acked += 1;
+        }
+        if acked > g.acked {
+            g.acked = acked;
             drop(g);
             self.freed.send_modify(|n| *n += 1);
         }
@@ -344,6 +388,29 @@ mod tests {
         }
         writer.await.unwrap();
         assert_eq!(j.stats().dropped, 0);
+    }
+
+    #[tokio::test]
+    async fn command_acks_consume_only_that_command() {
+        let j = Journal::new(1 << 20, Mode::Block);
+        for cmd in [1, 2, 1, 2, 1] {
+            j.append(cmd, out(1)).await.unwrap();
+        }
+        j.ack_command(1, 3); // seqs 1 and 3 are command 1's
+        assert_eq!(j.resume_seq(), 2, "seq 2 (command 2) is not consumed");
+        let b = j.read(j.resume_seq(), usize::MAX);
+        assert_eq!(
+            b.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![2, 4, 5]
+        );
+        assert_eq!(b.next, 6);
+        j.ack_command(2, 4);
+        assert_eq!(j.resume_seq(), 5);
+        // Reading only consumed records still moves the reader on.
+        j.ack_command(1, 5);
+        let b = j.read(5, usize::MAX);
+        assert!(b.records.is_empty());
+        assert_eq!(b.next, 6);
     }
 
     #[tokio::test]
