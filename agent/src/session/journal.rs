@@ -10,6 +10,8 @@ use std::sync::Mutex;
 use remote_proto::session::{Record, record};
 use tokio::sync::watch;
 
+use super::payload::{Arena, Payload};
+
 /// Bytes counted for a record beyond its payload, so that floods of tiny records are bounded.
 const RECORD_OVERHEAD: usize = 64;
 
@@ -26,7 +28,9 @@ pub enum JournalError {
 }
 
 struct Stored {
+    /// The record, its output bytes moved to `payload`.
     record: Record,
+    payload: Option<Payload>,
     size: usize,
     /// Acknowledged on its own (by a client following its command), ahead of `acked`.
     consumed: bool,
@@ -34,6 +38,7 @@ struct Stored {
 
 struct Inner {
     records: VecDeque<Stored>,
+    arena: Arena,
     bytes: usize,
     next_seq: u64,
     acked: u64,
@@ -84,6 +89,7 @@ impl Journal {
         Journal {
             inner: Mutex::new(Inner {
                 records: VecDeque::new(),
+                arena: Arena::default(),
                 bytes: 0,
                 next_seq: 1,
                 acked: 0,
@@ -123,7 +129,11 @@ impl Journal {
 
     /// Append a record (its seq is assigned here). In block mode this waits while the journal
     /// is full of unacknowledged output; control records (start, exit) never wait.
-    pub async fn append(&self, command_id: u64, kind: record::Kind) -> Result<u64, JournalError> {
+    pub async fn append(
+        &self,
+        command_id: u64,
+        mut kind: record::Kind,
+    ) -> Result<u64, JournalError> {
         let size = RECORD_OVERHEAD
             + match &kind {
                 record::Kind::Output(o) => o.data.len(),
@@ -145,12 +155,17 @@ impl Journal {
                     if !control {
                         g.last_output = Some(std::time::SystemTime::now());
                     }
+                    let payload = match &mut kind {
+                        record::Kind::Output(o) => Some(g.arena.store(std::mem::take(&mut o.data))),
+                        _ => None,
+                    };
                     g.records.push_back(Stored {
                         record: Record {
                             seq,
                             command_id,
                             kind: Some(kind),
                         },
+                        payload,
                         size,
                         consumed: false,
                     });
@@ -218,7 +233,13 @@ impl Journal {
                 continue;
             }
             total += stored.size;
-            records.push(stored.record.clone());
+            let mut record = stored.record.clone();
+            if let (Some(record::Kind::Output(o)), Some(p)) =
+                (record.kind.as_mut(), &stored.payload)
+            {
+                o.data = p.bytes().to_vec();
+            }
+            records.push(record);
         }
         Batch {
             records,

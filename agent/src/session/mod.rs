@@ -7,6 +7,7 @@
 
 pub mod commands;
 pub mod journal;
+pub mod payload;
 pub mod terminal;
 
 use std::collections::HashMap;
