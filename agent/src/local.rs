@@ -110,8 +110,13 @@ impl LocalListener {
             };
             tracing::info!(user = %principal.name, pid = ?cred.pid(), "local session client connected");
             let host = host.clone();
+            let stop = shutdown.clone();
             tasks.spawn(async move {
-                crate::wire::serve(host, principal, stream).await;
+                // On shutdown the connection is simply closed; the bridge then exits.
+                tokio::select! {
+                    () = crate::wire::serve(host, principal, stream) => {}
+                    () = stop.cancelled() => {}
+                }
                 drop(permit);
             });
         }

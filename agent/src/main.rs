@@ -232,14 +232,20 @@ async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
         );
     }
     let shutdown = CancellationToken::new();
-    let Some(ssh) = config.ssh.clone() else {
-        bail!("no listener is enabled (--ssh off): nothing to serve. Give --ssh HOST:PORT");
-    };
+    if config.ssh.is_none() && config.socket.is_none() {
+        bail!(
+            "no listener is enabled (--ssh off and --socket off): nothing to serve. Give --ssh HOST:PORT"
+        );
+    }
     let sessions = SessionHost::new(config.sessions.clone(), config.state_dir.join("sessions"));
-    let server =
-        remote_agent::ssh::SshServer::bind(ssh, key, db, sessions.clone(), shutdown.clone())
-            .await?;
-    let addr = server.local_addr()?;
+    // Subsystem mode alone (--ssh off) is valid: the host's own sshd is the way in.
+    let server = match config.ssh.clone() {
+        Some(ssh) => Some(
+            remote_agent::ssh::SshServer::bind(ssh, key, db, sessions.clone(), shutdown.clone())
+                .await?,
+        ),
+        None => None,
+    };
     let local = match &config.socket {
         Some(path) => {
             let listener = remote_agent::local::LocalListener::bind(path)?;
@@ -252,15 +258,23 @@ async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
     };
     let reaper = tokio::spawn(sessions.clone().run_reaper(shutdown.clone()));
     tracing::info!(name = %config.name, state_dir = %config.state_dir.display(), "remote-agent started");
-    eprintln!("remote-agent: ssh listening on {addr} (host key {fingerprint})");
-    if let Some(banner) = banner {
-        banner(addr, &fingerprint);
-    }
-    let server_task = tokio::spawn(server.run());
+    let server_task = match server {
+        Some(server) => {
+            let addr = server.local_addr()?;
+            eprintln!("remote-agent: ssh listening on {addr} (host key {fingerprint})");
+            if let Some(banner) = banner {
+                banner(addr, &fingerprint);
+            }
+            Some(tokio::spawn(server.run()))
+        }
+        None => None,
+    };
     wait_for_signal().await?;
     tracing::info!("shutting down");
     shutdown.cancel();
-    server_task.await.context("ssh server task failed")?;
+    if let Some(task) = server_task {
+        task.await.context("ssh server task failed")?;
+    }
     if let Some(local) = local {
         let _ = local.await;
     }

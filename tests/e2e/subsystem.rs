@@ -179,6 +179,49 @@ fn remote_client_through_sshd_disconnects_and_reattaches() {
 }
 
 #[test]
+fn agent_without_ssh_listener_serves_the_subsystem_socket() {
+    // Hosts that keep their own sshd may turn the agent's SSH listener off.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let mut agent = Command::new(bin("remote-agent"))
+        .args(["run", "--ssh", "off", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "no local socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let bridge = || {
+        let mut cmd = Command::new(bin("remote-agent"));
+        cmd.arg("subsystem").arg("--socket").arg(&socket);
+        ProtoClient::over(cmd)
+    };
+    let mut first = bridge();
+    let s = first.open_commands();
+    let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .unwrap()
+        .unwrap()
+        .name;
+    assert_eq!(s.owner, me, "the socket's peer credentials name the owner");
+    assert_eq!(first.exec(&s.id, "echo via-socket").stdout, b"via-socket\n");
+    first.close();
+    let mut second = bridge();
+    assert_eq!(second.list().len(), 1);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    assert_eq!(agent.wait().unwrap().code(), Some(0));
+    assert!(!socket.exists(), "the socket file is removed on shutdown");
+}
+
+#[test]
 fn subsystem_without_a_running_agent_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let out = run_with_timeout(
