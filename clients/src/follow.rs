@@ -19,38 +19,59 @@ use tokio::io::AsyncReadExt;
 use crate::session::{FrameSender, SessionChannel, SessionError};
 use crate::ssh::signal_number;
 
-/// Acknowledgements that never hold up reading: the reader records the latest seq it wrote
-/// out, and a task of its own sends it (acknowledgements are cumulative, so only the latest
-/// matters). Waiting on a send while not reading could deadlock with the SSH layer's bounded
-/// queues when output floods in.
+/// Acknowledgements that never hold up reading. Normally an acknowledgement is handed to
+/// the connection at once, right after its record was written out, so a client that dies
+/// leaves almost nothing written but unacknowledged. When the connection cannot take it at
+/// once (its queues are full because output floods in), a task of its own sends the latest
+/// one later: waiting for the send while not reading could deadlock with the SSH layer's
+/// bounded queues. Acknowledgements are cumulative, so only the latest matters.
 struct Acker {
+    sender: FrameSender,
     latest: tokio::sync::watch::Sender<u64>,
-    sent: tokio::sync::watch::Receiver<u64>,
+    sent: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Acker {
     fn start(sender: FrameSender) -> Acker {
         let (latest, mut wanted) = tokio::sync::watch::channel(0u64);
-        let (sent_tx, sent) = tokio::sync::watch::channel(0u64);
+        let sent = std::sync::Arc::new(tokio::sync::watch::channel(0u64).0);
+        let (task_sender, task_sent) = (sender.clone(), sent.clone());
         let task = tokio::spawn(async move {
             while wanted.changed().await.is_ok() {
                 let seq = *wanted.borrow_and_update();
-                if sender
+                if *task_sent.borrow() >= seq {
+                    continue;
+                }
+                if task_sender
                     .send(client_frame::Msg::Ack(Ack { seq }))
                     .await
                     .is_err()
                 {
                     break;
                 }
-                sent_tx.send_replace(seq);
+                task_sent.send_if_modified(|s| std::mem::replace(s, (*s).max(seq)) < seq);
             }
         });
-        Acker { latest, sent, task }
+        Acker {
+            sender,
+            latest,
+            sent,
+            task,
+        }
     }
 
     /// Everything up to `seq` was written out.
     fn ack(&self, seq: u64) {
+        use futures::FutureExt;
+        let inline = self
+            .sender
+            .send(client_frame::Msg::Ack(Ack { seq }))
+            .now_or_never();
+        if let Some(Ok(_)) = inline {
+            self.sent
+                .send_if_modified(|s| std::mem::replace(s, (*s).max(seq)) < seq);
+        }
         self.latest.send_if_modified(|s| {
             let newer = seq > *s;
             if newer {
@@ -61,10 +82,10 @@ impl Acker {
     }
 
     /// Wait until the latest acknowledgement has been handed to the connection.
-    async fn flush(mut self) {
+    async fn flush(self) {
         let want = *self.latest.borrow();
-        let _ =
-            tokio::time::timeout(Duration::from_secs(10), self.sent.wait_for(|s| *s >= want)).await;
+        let mut sent = self.sent.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(10), sent.wait_for(|s| *s >= want)).await;
         self.task.abort();
     }
 }
