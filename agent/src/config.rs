@@ -54,6 +54,10 @@ pub struct SessionsFileConfig {
     pub idle_timeout_secs: Option<u64>,
     /// `block` (default) or `drop`.
     pub buffering: Option<String>,
+    /// Sessions one user may have open at once (default 64).
+    pub max_sessions_per_user: Option<usize>,
+    /// Commands running at once in one commands session (default 64).
+    pub max_running_commands: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -172,6 +176,12 @@ impl FileConfig {
         let mut sessions = crate::session::SessionDefaults::default();
         if let Some(mb) = self.sessions.journal_mb {
             sessions.journal_bytes = (mb.clamp(1, 2048) as usize) << 20;
+        }
+        if let Some(n) = self.sessions.max_sessions_per_user {
+            sessions.max_sessions_per_user = n.max(1);
+        }
+        if let Some(n) = self.sessions.max_running_commands {
+            sessions.max_running_commands = n.max(1);
         }
         if let Some(secs) = self.sessions.idle_timeout_secs {
             sessions.idle_timeout = Duration::from_secs(secs.max(1));

@@ -129,6 +129,7 @@ impl Conn {
             SessionError::WrongShape { .. }
             | SessionError::NoCommand { .. }
             | SessionError::Invalid(_) => (ErrorCode::ErrorInvalidRequest, ""),
+            SessionError::Quota { .. } => (ErrorCode::ErrorQuota, ""),
             SessionError::Process(_) | SessionError::StateDir { .. } => {
                 (ErrorCode::ErrorInternal, "see the agent's log for details")
             }

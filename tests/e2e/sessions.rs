@@ -276,6 +276,38 @@ fn several_clients_attached_at_once_all_see_output_and_any_can_type() {
 }
 
 #[test]
+fn sessions_per_user_and_running_commands_are_bounded() {
+    let agent = Agent::start_with(AgentOptions {
+        config: "[sessions]\nmax_sessions_per_user = 2\nmax_running_commands = 2\n".into(),
+    });
+    let key = agent.key("alice_key");
+    agent.add_user("alice", None, Some(&key));
+    let mut c = client(&agent, "alice", &key);
+    let s = c.open_commands();
+    c.open_commands();
+    let third = c.request(client_frame::Msg::Open(session::OpenSession {
+        shape: session::Shape::Commands as i32,
+        ..Default::default()
+    }));
+    let Some(server_frame::Msg::Error(e)) = third.msg else {
+        panic!("third session allowed: {third:?}")
+    };
+    assert_eq!(e.code, session::ErrorCode::ErrorQuota as i32);
+    assert!(e.message.contains("max_sessions_per_user"), "{}", e.message);
+    c.start(&s.id, "sleep 30");
+    c.start(&s.id, "sleep 30");
+    let run = c.request(client_frame::Msg::Run(session::RunCommand {
+        session_id: s.id.clone(),
+        command: "true".into(),
+        follow: false,
+    }));
+    assert_eq!(
+        error_code(&run),
+        Some(session::ErrorCode::ErrorQuota as i32)
+    );
+}
+
+#[test]
 fn block_mode_stalls_the_writer_and_delivers_everything() {
     let (agent, key) = setup();
     let mut c = client(&agent, "alice", &key);

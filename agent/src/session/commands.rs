@@ -54,10 +54,15 @@ pub struct Commands {
     running: Arc<Mutex<HashMap<u64, RunningCommand>>>,
     /// Session ids (= pids) of every command started, for finding what they left behind.
     sids: Arc<Mutex<Vec<u32>>>,
+    max_running: usize,
 }
 
 impl Commands {
-    pub fn new(identity: Identity, dir: PathBuf) -> Result<Commands, SessionError> {
+    pub fn new(
+        identity: Identity,
+        dir: PathBuf,
+        max_running: usize,
+    ) -> Result<Commands, SessionError> {
         let err = |source| SessionError::StateDir {
             path: dir.clone(),
             source,
@@ -74,6 +79,7 @@ impl Commands {
             next_id: AtomicU64::new(1),
             running: Arc::new(Mutex::new(HashMap::new())),
             sids: Arc::new(Mutex::new(Vec::new())),
+            max_running,
         })
     }
 
@@ -96,6 +102,13 @@ impl Commands {
             return Err(SessionError::Invalid(
                 "the command contains a NUL byte".into(),
             ));
+        }
+        if self.running() >= self.max_running {
+            return Err(SessionError::Quota {
+                what: "too many commands running in this session; wait for some to finish",
+                limit: self.max_running,
+                setting: "max_running_commands",
+            });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let spec = Spec {

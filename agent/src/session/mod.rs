@@ -28,6 +28,10 @@ pub struct SessionDefaults {
     pub buffering: Mode,
     /// Largest journal a client may ask for.
     pub max_journal_bytes: usize,
+    /// Sessions one user may have open at once.
+    pub max_sessions_per_user: usize,
+    /// Commands running at once in one commands session.
+    pub max_running_commands: usize,
 }
 
 impl Default for SessionDefaults {
@@ -37,6 +41,8 @@ impl Default for SessionDefaults {
             idle_timeout: Duration::from_secs(2 * 3600),
             buffering: Mode::Block,
             max_journal_bytes: 2 << 30,
+            max_sessions_per_user: 64,
+            max_running_commands: 64,
         }
     }
 }
@@ -68,6 +74,12 @@ pub enum SessionError {
     NoCommand { id: String, command: u64 },
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("quota exceeded: {what} (at most {limit}; [sessions] {setting} in the agent's config)")]
+    Quota {
+        what: &'static str,
+        limit: usize,
+        setting: &'static str,
+    },
     #[error(transparent)]
     Process(#[from] ProcessError),
     #[error("cannot prepare the session's state directory {path}: {source}")]
@@ -339,6 +351,14 @@ impl SessionHost {
         who: &Principal,
         req: OpenRequest,
     ) -> Result<Arc<Session>, SessionError> {
+        let mine = self.map().values().filter(|s| s.owner == who.name).count();
+        if mine >= self.defaults.max_sessions_per_user {
+            return Err(SessionError::Quota {
+                what: "too many open sessions; remove some with `remote session rm`",
+                limit: self.defaults.max_sessions_per_user,
+                setting: "max_sessions_per_user",
+            });
+        }
         let id = new_id();
         let journal_bytes = req
             .journal_bytes
@@ -354,7 +374,11 @@ impl SessionHost {
             }
             Shape::Commands | Shape::Unspecified => {
                 let dir = self.state_root.join(&id);
-                Kind::Commands(commands::Commands::new(who.identity.clone(), dir)?)
+                Kind::Commands(commands::Commands::new(
+                    who.identity.clone(),
+                    dir,
+                    self.defaults.max_running_commands,
+                )?)
             }
         };
         let name = if req.name.is_empty() {
