@@ -329,8 +329,10 @@ fn quickstart(args: QuickstartArgs) -> Result<()> {
         })?;
         eprintln!("remote-agent: created admin account '{me}' (logs in with your SSH key)");
     }
+    let mut identity_flag = String::new();
     if key_file.exists() {
         identity_hint = format!(" -i {}", key_file.display());
+        identity_flag = format!(" --identity {}", key_file.display());
     }
     let banner = Box::new(move |addr: std::net::SocketAddr, fp: &str| {
         let port = addr.port();
@@ -340,6 +342,9 @@ fn quickstart(args: QuickstartArgs) -> Result<()> {
         println!("  ssh -p {port}{identity_hint} {me}@{host} 'uname -a'      # run a command");
         println!("  ssh -p {port}{identity_hint} {me}@{host}                 # interactive shell");
         println!("  sftp -P {port}{identity_hint} {me}@{host}                # file transfer");
+        println!(
+            "  remote{identity_flag} session new {me}@{host}:{port}   # a persistent session (target/release/remote)"
+        );
         println!(
             "Accounts: remote-agent user list | user add NAME --authorized-key FILE. Ctrl+C stops the agent."
         );
