@@ -11,4 +11,5 @@ pub mod process;
 pub mod session;
 pub mod sftp;
 pub mod ssh;
+pub mod winrm;
 pub mod wire;
