@@ -12,8 +12,9 @@ Subcommands:
 
 import os
 import socket
-import statistics
 import sys
+
+from benchlib import num, read_results, stats, stats_of, status_field  # noqa: F401
 
 
 def free_port():
@@ -54,12 +55,6 @@ def descendants(root):
     return out
 
 
-def status_field(pid, field):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def pss(pid):
@@ -81,31 +76,12 @@ def pss_tree(root):
     print(total, count)
 
 
-def stats():
-    xs = sorted(float(x) for x in sys.stdin.read().split())
-    if not xs:
-        print("nan nan nan nan 0")
-        return
-    p90 = xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))]
-    print(f"{statistics.median(xs):.3f} {xs[0]:.3f} {p90:.3f} {xs[-1]:.3f} {len(xs)}")
 
 
-def num(v):
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if x == x else None  # NaN -> None
 
 
 def table(path):
-    r = {}
-    with open(path) as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if "=" in line:
-                k, v = line.split("=", 1)
-                r[k] = v
+    r = read_results(path)
 
     def cell(key, fmt):
         x = num(r.get(key))

@@ -25,19 +25,14 @@ Subcommands:
 import os
 import select
 import signal
-import statistics
 import struct
 import subprocess
 import sys
 import time
 
+from benchlib import num, read_results, stats, stats_of, status_field  # noqa: F401
 
-def status_field(pid, field):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
+
 
 
 def wchar(pid):
@@ -51,12 +46,6 @@ def wchar(pid):
     return None
 
 
-def stats_of(xs):
-    xs = sorted(xs)
-    if not xs:
-        return None
-    p90 = xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))]
-    return statistics.median(xs), xs[0], p90, xs[-1], len(xs)
 
 
 def cpu(pid):
@@ -68,12 +57,6 @@ def cpu(pid):
     return (int(rest[11]) + int(rest[12])) / ticks
 
 
-def stats():
-    s = stats_of(float(x) for x in sys.stdin.read().split())
-    if s is None:
-        print("nan nan nan nan 0")
-        return
-    print("{:.3f} {:.3f} {:.3f} {:.3f} {}".format(*s))
 
 
 def split_cmd(args):
@@ -291,22 +274,10 @@ def echo(args):
 
 # ------------------------------------------------------------------ report
 
-def num(v):
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if x == x else None  # NaN -> None
 
 
 def table(path):
-    r = {}
-    with open(path) as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if "=" in line:
-                k, v = line.split("=", 1)
-                r[k] = v
+    r = read_results(path)
 
     def cell(key, fmt):
         x = num(r.get(key))
