@@ -285,15 +285,7 @@ impl Client {
             }
             let result = match key {
                 Key::File { key, .. } => {
-                    let hash = if key.algorithm().is_rsa() {
-                        handle
-                            .best_supported_rsa_hash()
-                            .await
-                            .map_err(lost)?
-                            .flatten()
-                    } else {
-                        None
-                    };
+                    let hash = rsa_hash(handle, key.algorithm()).await.map_err(lost)?;
                     let offer = PrivateKeyWithHashAlg::new(key.clone(), hash);
                     handle
                         .authenticate_publickey(user, offer)
@@ -309,15 +301,7 @@ impl Client {
                     let Some(signer) = agent.as_mut() else {
                         continue;
                     };
-                    let hash = if public.algorithm().is_rsa() {
-                        handle
-                            .best_supported_rsa_hash()
-                            .await
-                            .map_err(lost)?
-                            .flatten()
-                    } else {
-                        None
-                    };
+                    let hash = rsa_hash(handle, public.algorithm()).await.map_err(lost)?;
                     match handle
                         .authenticate_publickey_with(user, public.clone(), hash, signer)
                         .await
@@ -439,6 +423,19 @@ fn describe(e: &russh::Error) -> String {
             format!("no common {kind:?} algorithm")
         }
         other => other.to_string(),
+    }
+}
+
+/// The signature hash to use with a key: the best RSA hash the server accepts for RSA keys,
+/// none for other algorithms.
+async fn rsa_hash(
+    handle: &Handle<HostKeyCheck>,
+    algorithm: russh::keys::Algorithm,
+) -> Result<Option<russh::keys::HashAlg>, russh::Error> {
+    if algorithm.is_rsa() {
+        Ok(handle.best_supported_rsa_hash().await?.flatten())
+    } else {
+        Ok(None)
     }
 }
 

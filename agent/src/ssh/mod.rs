@@ -127,15 +127,74 @@ impl Core {
     ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        serve_connection(
-            self.config.clone(),
-            self.shared.clone(),
-            stream,
+        let (config, shared) = (self.config.clone(), self.shared.clone());
+        let authenticated = Arc::new(AtomicBool::new(false));
+        let grace = shared.settings.login_grace_time;
+        let deadline = tokio::time::Instant::now() + grace;
+        let kill = CancellationToken::new();
+        let socket = stream::GuardedStream::new(stream, kill.clone());
+        let handler = handler::Connection::new(
+            shared.clone(),
             peer,
             local,
+            authenticated.clone(),
             startup_permit,
+        );
+        // The version exchange happens inside run_stream: bound it by the grace time too.
+        let running = match tokio::time::timeout_at(
+            deadline,
+            russh::server::run_stream(config, socket, handler),
         )
         .await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, "ssh handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, "ssh: no version line within {grace:?}, closing");
+                return;
+            }
+        };
+        let handle = running.handle();
+        tokio::pin!(running);
+        let grace_timer = tokio::time::sleep_until(deadline);
+        tokio::pin!(grace_timer);
+        let mut grace_armed = true;
+        loop {
+            tokio::select! {
+                r = &mut running => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, "ssh connection ended: {e}");
+                    }
+                    return;
+                }
+                () = &mut grace_timer, if grace_armed => {
+                    grace_armed = false;
+                    if !authenticated.load(Ordering::Acquire) {
+                        tracing::info!(%peer, "ssh: not authenticated within {grace:?} (login_grace_time_secs), disconnecting");
+                        let _ = handle.disconnect(russh::Disconnect::ByApplication, "login grace time exceeded".into(), "en".into()).await;
+                        // During a key exchange the disconnect cannot be sent: cut the stream.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        kill.cancel();
+                        let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
+                        return;
+                    }
+                }
+                () = shared.shutdown.cancelled() => {
+                    // The handler's channels see the same token and end their processes; give
+                    // them a moment to send exit status and close before the disconnect.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let _ = handle.disconnect(russh::Disconnect::ByApplication, "remote-agent is shutting down".into(), "en".into()).await;
+                    if tokio::time::timeout(Duration::from_secs(3), &mut running).await.is_err() {
+                        kill.cancel();
+                        let _ = tokio::time::timeout(Duration::from_secs(2), &mut running).await;
+                    }
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -221,83 +280,6 @@ impl SshServer {
             .is_err()
         {
             tracing::warn!("ssh: some connections did not close within 10 s");
-        }
-    }
-}
-
-async fn serve_connection<S>(
-    config: Arc<russh::server::Config>,
-    shared: Arc<Shared>,
-    socket: S,
-    peer: SocketAddr,
-    local: SocketAddr,
-    startup_permit: Option<tokio::sync::OwnedSemaphorePermit>,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let authenticated = Arc::new(AtomicBool::new(false));
-    let grace = shared.settings.login_grace_time;
-    let deadline = tokio::time::Instant::now() + grace;
-    let kill = CancellationToken::new();
-    let socket = stream::GuardedStream::new(socket, kill.clone());
-    let handler = handler::Connection::new(
-        shared.clone(),
-        peer,
-        local,
-        authenticated.clone(),
-        startup_permit,
-    );
-    // The version exchange happens inside run_stream: bound it by the grace time too.
-    let running =
-        match tokio::time::timeout_at(deadline, russh::server::run_stream(config, socket, handler))
-            .await
-        {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, "ssh handshake failed: {e}");
-                return;
-            }
-            Err(_) => {
-                tracing::info!(%peer, "ssh: no version line within {grace:?}, closing");
-                return;
-            }
-        };
-    let handle = running.handle();
-    tokio::pin!(running);
-    let grace_timer = tokio::time::sleep_until(deadline);
-    tokio::pin!(grace_timer);
-    let mut grace_armed = true;
-    loop {
-        tokio::select! {
-            r = &mut running => {
-                if let Err(e) = r {
-                    tracing::debug!(%peer, "ssh connection ended: {e}");
-                }
-                return;
-            }
-            () = &mut grace_timer, if grace_armed => {
-                grace_armed = false;
-                if !authenticated.load(Ordering::Acquire) {
-                    tracing::info!(%peer, "ssh: not authenticated within {grace:?} (login_grace_time_secs), disconnecting");
-                    let _ = handle.disconnect(russh::Disconnect::ByApplication, "login grace time exceeded".into(), "en".into()).await;
-                    // During a key exchange the disconnect cannot be sent: cut the stream.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    kill.cancel();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
-                    return;
-                }
-            }
-            () = shared.shutdown.cancelled() => {
-                // The handler's channels see the same token and end their processes; give
-                // them a moment to send exit status and close before the disconnect.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let _ = handle.disconnect(russh::Disconnect::ByApplication, "remote-agent is shutting down".into(), "en".into()).await;
-                if tokio::time::timeout(Duration::from_secs(3), &mut running).await.is_err() {
-                    kill.cancel();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), &mut running).await;
-                }
-                return;
-            }
         }
     }
 }
