@@ -9,6 +9,9 @@ use serde::Deserialize;
 
 /// Default SSH port of the agent (sshd keeps 22).
 pub const DEFAULT_SSH_PORT: u16 = 2222;
+/// WinRM's standard ports (spec §1.1).
+pub const DEFAULT_WINRM_HTTP_PORT: u16 = 5985;
+pub const DEFAULT_WINRM_HTTPS_PORT: u16 = 5986;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -43,6 +46,37 @@ pub struct FileConfig {
     pub sessions: SessionsFileConfig,
     #[serde(default)]
     pub local: LocalFileConfig,
+    #[serde(default)]
+    pub winrm: WinrmFileConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WinrmFileConfig {
+    /// HTTP listener, `HOST:PORT` or `off` (default 0.0.0.0:5985).
+    pub http_listen: Option<String>,
+    /// HTTPS listener, `HOST:PORT` or `off` (default 0.0.0.0:5986).
+    pub https_listen: Option<String>,
+    /// Serve plaintext SOAP (Basic, or NTLM without sealing) over plain HTTP (default false).
+    pub allow_unencrypted: Option<bool>,
+    /// TLS certificate and key (PEM); generated in the state dir when absent.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Largest request envelope, bytes (default 512000, at least 153600).
+    pub max_envelope_bytes: Option<usize>,
+    /// Open shells per user (default 30).
+    pub max_shells_per_user: Option<usize>,
+    /// Commands per shell (default 25).
+    pub max_commands_per_shell: Option<usize>,
+    /// A shell with no request for this long is closed (default 7200; a client's
+    /// IdleTimeOut may ask for less, never more).
+    pub idle_timeout_secs: Option<u64>,
+    /// HTTP connections open at once (default 1024).
+    pub max_connections: Option<usize>,
+    /// Channel binding on HTTPS: `none`, `relaxed` (default) or `strict`.
+    pub channel_binding: Option<String>,
+    /// Program that runs for a Command of `powershell`/`powershell.exe` (default `pwsh`).
+    pub powershell: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,6 +124,34 @@ pub struct Overrides {
     pub ssh: Option<String>,
     pub name: Option<String>,
     pub socket: Option<String>,
+    pub winrm_http: Option<String>,
+    pub winrm_https: Option<String>,
+    pub allow_unencrypted: bool,
+}
+
+/// Resolved settings of the WinRM listeners.
+#[derive(Debug, Clone)]
+pub struct WinrmSettings {
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    pub allow_unencrypted: bool,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub max_envelope_bytes: usize,
+    pub max_shells_per_user: usize,
+    pub max_commands_per_shell: usize,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub channel_binding: ChannelBindingPolicy,
+    pub powershell: String,
+}
+
+/// How HTTPS logins with NTLM check channel binding tokens (spec §5.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelBindingPolicy {
+    None,
+    Relaxed,
+    Strict,
 }
 
 /// Resolved settings of the SSH listener.
@@ -118,6 +180,8 @@ pub struct AgentConfig {
     pub sessions: crate::session::SessionDefaults,
     /// The local socket for subsystem mode; `None` when off.
     pub socket: Option<PathBuf>,
+    /// WinRM; `None` when both listeners are off.
+    pub winrm: Option<WinrmSettings>,
 }
 
 impl FileConfig {
@@ -202,14 +266,73 @@ impl FileConfig {
             Some(s) => Some(PathBuf::from(s)),
             None => Some(crate::paths::default_socket()),
         };
+        let winrm = resolve_winrm(self.winrm, flags)?;
         Ok(AgentConfig {
             name,
             state_dir,
             ssh,
             sessions,
             socket,
+            winrm,
         })
     }
+}
+
+fn resolve_winrm(
+    f: WinrmFileConfig,
+    flags: &Overrides,
+) -> Result<Option<WinrmSettings>, ConfigError> {
+    let http = flags
+        .winrm_http
+        .clone()
+        .or(f.http_listen)
+        .unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_WINRM_HTTP_PORT}"));
+    let https = flags
+        .winrm_https
+        .clone()
+        .or(f.https_listen)
+        .unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_WINRM_HTTPS_PORT}"));
+    let http = parse_listen("winrm http", &http)?;
+    let https = parse_listen("winrm https", &https)?;
+    if http.is_none() && https.is_none() {
+        return Ok(None);
+    }
+    let channel_binding = match f.channel_binding.as_deref() {
+        None | Some("relaxed") => ChannelBindingPolicy::Relaxed,
+        Some("strict") => ChannelBindingPolicy::Strict,
+        Some("none") => ChannelBindingPolicy::None,
+        Some(other) => {
+            return Err(ConfigError::Invalid {
+                what: "winrm.channel_binding",
+                value: other.to_string(),
+                expected: "none, relaxed or strict",
+            });
+        }
+    };
+    if f.cert_file.is_some() != f.key_file.is_some() {
+        return Err(ConfigError::Invalid {
+            what: "winrm.cert_file/key_file",
+            value: "only one of them".into(),
+            expected: "both a certificate and its key, or neither (one is generated)",
+        });
+    }
+    Ok(Some(WinrmSettings {
+        http,
+        https,
+        allow_unencrypted: flags.allow_unencrypted || f.allow_unencrypted.unwrap_or(false),
+        cert_file: f.cert_file,
+        key_file: f.key_file,
+        max_envelope_bytes: f
+            .max_envelope_bytes
+            .unwrap_or(512_000)
+            .clamp(153_600, 8 << 20),
+        max_shells_per_user: f.max_shells_per_user.unwrap_or(30).max(1),
+        max_commands_per_shell: f.max_commands_per_shell.unwrap_or(25).max(1),
+        idle_timeout: Duration::from_secs(f.idle_timeout_secs.unwrap_or(7200).max(1)),
+        max_connections: f.max_connections.unwrap_or(1024).max(1),
+        channel_binding,
+        powershell: f.powershell.unwrap_or_else(|| "pwsh".into()),
+    }))
 }
 
 /// `off` (or `none`, empty) disables a listener; anything else must be `HOST:PORT`.

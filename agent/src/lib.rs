@@ -6,6 +6,7 @@ pub mod accounts;
 pub mod config;
 pub mod hostkey;
 pub mod local;
+pub mod login;
 pub mod paths;
 pub mod process;
 pub mod session;

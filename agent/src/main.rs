@@ -75,6 +75,16 @@ struct RunArgs {
     /// Local socket for subsystem mode, or 'off'.
     #[arg(long, value_name = "PATH|off")]
     socket: Option<String>,
+    /// WinRM over HTTP listen address, HOST:PORT, or 'off' (default 0.0.0.0:5985).
+    #[arg(long, value_name = "ADDR|off")]
+    winrm_http: Option<String>,
+    /// WinRM over HTTPS listen address, HOST:PORT, or 'off' (default 0.0.0.0:5986).
+    #[arg(long, value_name = "ADDR|off")]
+    winrm_https: Option<String>,
+    /// Serve WinRM requests that are neither on HTTPS nor message-encrypted (Basic over
+    /// plain HTTP): only on networks where nobody can listen in.
+    #[arg(long)]
+    allow_unencrypted: bool,
 }
 
 #[derive(Args)]
@@ -84,6 +94,12 @@ struct QuickstartArgs {
     /// SSH listen address (loopback by default).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:2222")]
     ssh: String,
+    /// WinRM over HTTP (loopback by default), or 'off'.
+    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:5985")]
+    winrm_http: String,
+    /// WinRM over HTTPS (loopback by default), or 'off'.
+    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:5986")]
+    winrm_https: String,
 }
 
 #[derive(Subcommand)]
@@ -155,7 +171,17 @@ fn init_logging(default: &str) {
 fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Run(args) => {
-            let mut config = load_config(&args.state, args.ssh.clone(), args.name.clone())?;
+            let mut config = load_config(
+                &args.state,
+                &Overrides {
+                    ssh: args.ssh.clone(),
+                    name: args.name.clone(),
+                    winrm_http: args.winrm_http.clone(),
+                    winrm_https: args.winrm_https.clone(),
+                    allow_unencrypted: args.allow_unencrypted,
+                    ..Default::default()
+                },
+            )?;
             if let Some(socket) = &args.socket {
                 config.socket =
                     (!socket.eq_ignore_ascii_case("off")).then(|| PathBuf::from(socket));
@@ -183,11 +209,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn load_config(
-    state: &StateArgs,
-    ssh: Option<String>,
-    name: Option<String>,
-) -> Result<AgentConfig> {
+fn load_config(state: &StateArgs, flags: &Overrides) -> Result<AgentConfig> {
     let file = match &state.config {
         Some(path) => FileConfig::load(path)?,
         None => {
@@ -201,14 +223,18 @@ fn load_config(
     };
     Ok(file.resolve(&Overrides {
         state_dir: state.state_dir.clone(),
-        ssh,
-        name,
-        socket: None,
+        ..flags.clone()
     })?)
 }
 
 fn state_dir(state: &StateArgs) -> Result<PathBuf> {
-    Ok(load_config(state, Some("off".into()), None)?.state_dir)
+    let flags = Overrides {
+        ssh: Some("off".into()),
+        winrm_http: Some("off".into()),
+        winrm_https: Some("off".into()),
+        ..Default::default()
+    };
+    Ok(load_config(state, &flags)?.state_dir)
 }
 
 /// Printed once the listener is up: the bound address and the host key fingerprint.
@@ -232,9 +258,9 @@ async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
         );
     }
     let shutdown = CancellationToken::new();
-    if config.ssh.is_none() && config.socket.is_none() {
+    if config.ssh.is_none() && config.socket.is_none() && config.winrm.is_none() {
         bail!(
-            "no listener is enabled (--ssh off and --socket off): nothing to serve. Give --ssh HOST:PORT"
+            "no listener is enabled (--ssh off, --socket off, --winrm-http off, --winrm-https off): nothing to serve. Give --ssh HOST:PORT"
         );
     }
     let sessions = SessionHost::new(config.sessions.clone(), config.state_dir.join("sessions"));
@@ -254,6 +280,10 @@ async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
                 listener.run(sessions.clone(), shutdown.clone()),
             ))
         }
+        None => None,
+    };
+    let winrm = match config.winrm.clone() {
+        Some(settings) => Some(start_winrm(&config, settings, &store, &sessions, &shutdown).await?),
         None => None,
     };
     let reaper = tokio::spawn(sessions.clone().run_reaper(shutdown.clone()));
@@ -278,9 +308,67 @@ async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
     if let Some(local) = local {
         let _ = local.await;
     }
+    if let Some(winrm) = winrm {
+        let _ = winrm.await;
+    }
     let _ = reaper.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Bind the WinRM listeners (generating the TLS certificate on first start) and serve them.
+async fn start_winrm(
+    config: &AgentConfig,
+    settings: remote_agent::config::WinrmSettings,
+    store: &AccountStore,
+    sessions: &std::sync::Arc<SessionHost>,
+    shutdown: &CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
+    use remote_agent::winrm::{http::WinrmServer, shell, tls};
+    let identity = match settings.https {
+        Some(_) => {
+            let id = tls::load_or_generate(
+                &config.state_dir,
+                settings.cert_file.as_deref(),
+                settings.key_file.as_deref(),
+                &config.name,
+            )?;
+            if id.generated {
+                tracing::info!(
+                    "generated WinRM TLS certificate {} ({})",
+                    id.cert_path.display(),
+                    id.fingerprint
+                );
+            }
+            Some(id)
+        }
+        None => None,
+    };
+    let shells = shell::Shells::new(
+        sessions.clone(),
+        shell::ShellSettings {
+            max_shells_per_user: settings.max_shells_per_user,
+            max_commands_per_shell: settings.max_commands_per_shell,
+            idle_timeout: settings.idle_timeout,
+            powershell: settings.powershell.clone(),
+            machine: config.name.clone(),
+        },
+    );
+    let (server, bound) = WinrmServer::bind(
+        settings,
+        identity,
+        AccountDb::new(store.clone()),
+        shells,
+        shutdown.clone(),
+    )
+    .await?;
+    if let Some(addr) = bound.http {
+        eprintln!("remote-agent: winrm http listening on {addr}");
+    }
+    if let (Some(addr), Some(fp)) = (bound.https, &bound.fingerprint) {
+        eprintln!("remote-agent: winrm https listening on {addr} (certificate {fp})");
+    }
+    Ok(tokio::spawn(server.run()))
 }
 
 async fn wait_for_signal() -> Result<()> {
@@ -295,7 +383,15 @@ async fn wait_for_signal() -> Result<()> {
 }
 
 fn quickstart(args: QuickstartArgs) -> Result<()> {
-    let config = load_config(&args.state, Some(args.ssh.clone()), None)?;
+    let config = load_config(
+        &args.state,
+        &Overrides {
+            ssh: Some(args.ssh.clone()),
+            winrm_http: Some(args.winrm_http.clone()),
+            winrm_https: Some(args.winrm_https.clone()),
+            ..Default::default()
+        },
+    )?;
     paths::ensure_private_dir(&config.state_dir)?;
     let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
         .ok()

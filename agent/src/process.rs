@@ -184,6 +184,8 @@ pub enum Program {
 pub struct Spec {
     pub program: Program,
     pub env: Vec<(String, String)>,
+    /// Working directory (default: the user's home).
+    pub cwd: Option<PathBuf>,
 }
 
 impl Spec {
@@ -228,7 +230,7 @@ pub fn spawn_piped(
     cmd.args(args)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(identity.workdir())
+        .current_dir(spec.cwd.clone().unwrap_or_else(|| identity.workdir()))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

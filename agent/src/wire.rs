@@ -348,6 +348,8 @@ impl Conn {
                 cols: clamp(size.cols, 80),
                 modes: Vec::new(),
             },
+            start: Default::default(),
+            max_running: None,
         };
         match self.host.open(&self.who, open).await {
             Ok(session) => {

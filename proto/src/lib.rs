@@ -8,6 +8,8 @@ use bytes::{Buf, BufMut, BytesMut};
 use prost::Message;
 use tokio_util::codec::{Decoder, Encoder};
 
+pub mod wsman;
+
 /// The session protocol's messages (proto/session.proto).
 pub mod session {
     #![allow(clippy::all, missing_docs)]

@@ -42,6 +42,45 @@ eval "$__rs_cmd"
 /// saved environment can always be read back.
 const SHELL: &str = "/bin/sh";
 
+/// A command to start.
+#[derive(Debug, Clone)]
+pub enum Line {
+    /// A shell command line; the working directory and exported variables carry over.
+    Shell(String),
+    /// A program and its arguments, run directly (PATH lookup; nothing carries over).
+    Exec(Vec<String>),
+}
+
+/// What a new commands session starts with (a WinRM shell's WorkingDirectory and
+/// Environment).
+#[derive(Debug, Clone, Default)]
+pub struct StartState {
+    pub cwd: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+}
+
+/// `export NAME='value'` lines the wrapper's shell reads back; names that are not valid
+/// shell identifiers are skipped.
+fn export_lines(env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    for (name, value) in env {
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid || value.contains('\0') {
+            continue;
+        }
+        out.push_str("export ");
+        out.push_str(name);
+        out.push_str("='");
+        out.push_str(&value.replace('\'', "'\\''"));
+        out.push_str("'\n");
+    }
+    out
+}
+
 struct RunningCommand {
     input: mpsc::Sender<Input>,
     pid: Option<u32>,
@@ -55,6 +94,7 @@ pub struct Commands {
     /// Session ids (= pids) of every command started, for finding what they left behind.
     sids: Arc<Mutex<Vec<u32>>>,
     max_running: usize,
+    start: StartState,
 }
 
 impl Commands {
@@ -62,6 +102,7 @@ impl Commands {
         identity: Identity,
         dir: PathBuf,
         max_running: usize,
+        start: &StartState,
     ) -> Result<Commands, SessionError> {
         let err = |source| SessionError::StateDir {
             path: dir.clone(),
@@ -69,9 +110,21 @@ impl Commands {
         };
         std::fs::create_dir_all(&dir).map_err(err)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        let mut files = Vec::new();
+        if let Some(cwd) = &start.cwd {
+            files.push((dir.join("cwd"), format!("{}\n", cwd.display())));
+        }
+        if !start.env.is_empty() {
+            files.push((dir.join("env"), export_lines(&start.env)));
+        }
+        for (path, text) in &files {
+            std::fs::write(path, text).map_err(err)?;
+        }
         if identity.switch {
-            nix::unistd::chown(&dir, Some(identity.uid), Some(identity.gid))
-                .map_err(|e| err(e.into()))?;
+            for path in std::iter::once(&dir).chain(files.iter().map(|(p, _)| p)) {
+                nix::unistd::chown(path, Some(identity.uid), Some(identity.gid))
+                    .map_err(|e| err(e.into()))?;
+            }
         }
         Ok(Commands {
             identity,
@@ -80,6 +133,7 @@ impl Commands {
             running: Arc::new(Mutex::new(HashMap::new())),
             sids: Arc::new(Mutex::new(Vec::new())),
             max_running,
+            start: start.clone(),
         })
     }
 
@@ -95,10 +149,14 @@ impl Commands {
     /// seq of its `started` record, where a client following it starts reading.
     pub async fn run(
         &self,
-        command: &str,
+        line: Line,
         journal: &Arc<Journal>,
     ) -> Result<(u64, u64), SessionError> {
-        if command.contains('\0') {
+        let nul = match &line {
+            Line::Shell(l) => l.contains('\0'),
+            Line::Exec(argv) => argv.iter().any(|a| a.contains('\0')),
+        };
+        if nul {
             return Err(SessionError::Invalid(
                 "the command contains a NUL byte".into(),
             ));
@@ -111,19 +169,35 @@ impl Commands {
             });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let spec = Spec {
-            program: Program::Exec(
-                PathBuf::from(SHELL),
-                vec![
-                    "-c".into(),
-                    WRAPPER.into(),
-                    "remote-session".into(),
-                    self.dir.to_string_lossy().into_owned(),
-                    command.to_string(),
-                ],
+        let mut env = self.identity.base_env();
+        let mut cwd = None;
+        let (program, command) = match line {
+            Line::Shell(command) => (
+                Program::Exec(
+                    PathBuf::from(SHELL),
+                    vec![
+                        "-c".into(),
+                        WRAPPER.into(),
+                        "remote-session".into(),
+                        self.dir.to_string_lossy().into_owned(),
+                        command.clone(),
+                    ],
+                ),
+                command,
             ),
-            env: self.identity.base_env(),
+            Line::Exec(argv) => {
+                let Some((program, args)) = argv.split_first() else {
+                    return Err(SessionError::Invalid("an empty command".into()));
+                };
+                env.extend(self.start.env.iter().cloned());
+                cwd = self.start.cwd.clone();
+                (
+                    Program::Exec(PathBuf::from(program), args.to_vec()),
+                    argv.join(" "),
+                )
+            }
         };
+        let spec = Spec { program, env, cwd };
         let mut child = process::spawn_piped(&self.identity, &spec)?;
         if let Some(pid) = child.id() {
             self.sids
@@ -140,9 +214,7 @@ impl Commands {
                 pid: child.id(),
             },
         );
-        let started = record::Kind::Started(CommandStarted {
-            command: command.to_string(),
-        });
+        let started = record::Kind::Started(CommandStarted { command });
         let Ok(seq) = journal.append(id, started).await else {
             if let Some(pid) = child.id() {
                 process::signal_group(pid, Signal::SIGHUP);

@@ -99,6 +99,10 @@ pub struct OpenRequest {
     pub journal_bytes: Option<usize>,
     pub idle_timeout: Option<Duration>,
     pub terminal: PtySettings,
+    /// Commands shape: what the first command starts with.
+    pub start: commands::StartState,
+    /// Commands shape: commands running at once (default and ceiling: the host's limit).
+    pub max_running: Option<usize>,
 }
 
 enum Kind {
@@ -195,7 +199,8 @@ impl Session {
         }
     }
 
-    fn touch(&self) {
+    /// Count as activity (the idle timeout starts again).
+    pub fn touch(&self) {
         self.status().last_activity = Instant::now();
     }
 
@@ -227,11 +232,17 @@ impl Session {
         }
     }
 
-    /// Start a command (commands shape). Returns its id and the seq of its first record.
+    /// Start a command line (commands shape). Returns its id and the seq of its first record.
     pub async fn run(&self, command: &str) -> Result<(u64, u64), SessionError> {
+        self.run_line(commands::Line::Shell(command.to_string()))
+            .await
+    }
+
+    /// Start a command (commands shape): a shell line, or a program with its arguments.
+    pub async fn run_line(&self, line: commands::Line) -> Result<(u64, u64), SessionError> {
         self.touch();
         match &self.kind {
-            Kind::Commands(c) => c.run(command, &self.journal).await.map_err(|e| match e {
+            Kind::Commands(c) => c.run(line, &self.journal).await.map_err(|e| match e {
                 SessionError::Closed(_) => SessionError::Closed(self.id.clone()),
                 other => other,
             }),
@@ -374,10 +385,15 @@ impl SessionHost {
             }
             Shape::Commands | Shape::Unspecified => {
                 let dir = self.state_root.join(&id);
+                let max_running = req
+                    .max_running
+                    .unwrap_or(self.defaults.max_running_commands)
+                    .clamp(1, self.defaults.max_running_commands.max(1));
                 Kind::Commands(commands::Commands::new(
                     who.identity.clone(),
                     dir,
-                    self.defaults.max_running_commands,
+                    max_running,
+                    &req.start,
                 )?)
             }
         };

@@ -32,6 +32,7 @@ impl Terminal {
         let spec = Spec {
             program: Program::LoginShell,
             env: identity.base_env(),
+            cwd: None,
         };
         let p = process::spawn_pty(identity, &spec, settings)?;
         let master = std::os::fd::AsFd::as_fd(&p.pty)

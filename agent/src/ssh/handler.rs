@@ -15,7 +15,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::Shared;
 use super::channel::{self, Running};
-use crate::accounts::{self, Account};
+use crate::accounts::Account;
 use crate::process::{Identity, Input, Program, PtySettings, Spec};
 use crate::session::Principal;
 
@@ -136,7 +136,11 @@ impl Connection {
             return session.channel_failure(id);
         }
         env.extend(state.env.iter().cloned());
-        let spec = Spec { program, env };
+        let spec = Spec {
+            program,
+            env,
+            cwd: None,
+        };
         match channel::start(
             session.handle(),
             id,
@@ -167,24 +171,8 @@ impl russh::server::Handler for Connection {
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
         let account = self.shared.accounts.get(user);
-        let password = password.to_string();
         let hash = account.as_ref().and_then(|a| a.password_hash.clone());
-        // Verify even for unknown users, so timing does not tell which names exist. Each
-        // argon2id check takes ~19 MiB and tens of ms: a few at a time, whatever the load.
-        let shared = self.shared.clone();
-        let Ok(slot) = shared.password_checks.acquire().await else {
-            return Ok(retry());
-        };
-        let ok = tokio::task::spawn_blocking(move || match hash {
-            Some(h) => accounts::verify_password(&password, &h),
-            None => {
-                let _ = accounts::verify_password(&password, dummy_hash());
-                false
-            }
-        })
-        .await
-        .unwrap_or(false);
-        drop(slot);
+        let ok = self.shared.passwords.verify(password, hash).await;
         match account {
             Some(account) if ok => Ok(self.accept(account, "password")),
             Some(_) => Ok(self.reject(user, "wrong password").await),
@@ -510,12 +498,4 @@ fn truncate(s: &str, max: usize) -> &str {
         Some((i, _)) => &s[..i],
         None => s,
     }
-}
-
-/// A fixed argon2id hash to verify against when the account does not exist.
-fn dummy_hash() -> &'static str {
-    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    HASH.get_or_init(|| {
-        accounts::hash_password("remote-agent timing equaliser").unwrap_or_default()
-    })
 }

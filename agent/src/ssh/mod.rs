@@ -3,7 +3,6 @@
 //! per-connection protocol handling in `handler`, process plumbing of one channel in
 //! `channel`, and terminal modes in `pty_modes`.
 
-pub mod auth;
 pub mod channel;
 pub mod handler;
 pub mod pty_modes;
@@ -39,14 +38,13 @@ const CIPHERS: &[russh::cipher::Name] = &[
 /// State shared by every connection of one server.
 pub struct Shared {
     pub accounts: AccountDb,
-    pub throttle: auth::Throttle,
+    pub throttle: crate::login::Throttle,
     pub settings: SshSettings,
     /// Path of this executable, to start `remote-agent sftp-server` as the user.
     pub self_exe: std::path::PathBuf,
     /// Cancelled when the agent shuts down; connections then close their channels.
     pub shutdown: CancellationToken,
-    /// Password hashes being checked at once (argon2id is memory-hard by design).
-    pub password_checks: Semaphore,
+    pub passwords: crate::login::PasswordChecker,
     /// The session host behind the `remote` subsystem.
     pub sessions: Arc<SessionHost>,
 }
@@ -106,11 +104,11 @@ impl Core {
             config: Arc::new(config),
             shared: Arc::new(Shared {
                 accounts,
-                throttle: auth::Throttle::default(),
+                throttle: crate::login::Throttle::default(),
                 settings,
                 self_exe,
                 shutdown,
-                password_checks: Semaphore::new(4),
+                passwords: crate::login::PasswordChecker::default(),
                 sessions,
             }),
         }

@@ -4,4 +4,8 @@
 //! as pywinrm and pypsrp read them. The HTTP listener, authentication and the shell
 //! operations on the session host come next (issue 4).
 
+pub mod http;
+pub mod ntlm;
+pub mod shell;
 pub mod soap;
+pub mod tls;

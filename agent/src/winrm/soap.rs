@@ -250,6 +250,12 @@ impl Fault {
         }
     }
 
+    /// Replaces the reason text (`s:Reason/s:Text` and `f:Message`).
+    pub fn with_reason(mut self, reason: impl Into<String>) -> Self {
+        self.reason = reason.into();
+        self
+    }
+
     /// Sets `f:WSManFault/@Machine`.
     pub fn with_machine(mut self, machine: impl Into<String>) -> Self {
         self.machine = machine.into();

@@ -1,4 +1,6 @@
-//! Slowing down password guessing: every failed attempt is delayed, more so the more a
+//! Login checks every transport shares: password verification (argon2id, a few at a time,
+//! with the same cost for unknown accounts so timing does not tell which names exist), and
+//! slowing down password guessing: every failed attempt is delayed, more so the more a
 //! connection and its source address have failed recently (in the spirit of sshd's
 //! PerSourcePenalties). The table is bounded, so a flood of addresses cannot grow it.
 
@@ -6,6 +8,50 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use crate::accounts;
+
+/// Password hashes checked at once: argon2id takes ~19 MiB and tens of ms by design.
+pub struct PasswordChecker {
+    slots: Semaphore,
+}
+
+impl Default for PasswordChecker {
+    fn default() -> Self {
+        PasswordChecker {
+            slots: Semaphore::new(4),
+        }
+    }
+}
+
+impl PasswordChecker {
+    /// Whether `password` matches the PHC string `hash`; with `None` (no such account, or no
+    /// password) a dummy hash is checked so that the answer takes as long, and is false.
+    pub async fn verify(&self, password: &str, hash: Option<String>) -> bool {
+        let Ok(_slot) = self.slots.acquire().await else {
+            return false;
+        };
+        let password = password.to_string();
+        tokio::task::spawn_blocking(move || match hash {
+            Some(h) => accounts::verify_password(&password, &h),
+            None => {
+                let _ = accounts::verify_password(&password, dummy_hash());
+                false
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
+}
+
+fn dummy_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        accounts::hash_password("remote-agent timing equaliser").unwrap_or_default()
+    })
+}
 
 /// Failures older than this are forgotten.
 const WINDOW: Duration = Duration::from_secs(300);
