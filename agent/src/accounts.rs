@@ -56,6 +56,11 @@ pub struct Account {
     /// PHC string of an argon2id hash; absent when the account logs in by key only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_hash: Option<String>,
+    /// MD4 of the UTF-16LE password, needed for NTLM (WinRM). It is password-equivalent for
+    /// NTLM, which is why the file is 0600; absent for --no-ntlm accounts. 32 lowercase hex
+    /// characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nt_hash: Option<String>,
     /// OpenSSH public keys (`type base64 [comment]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub authorized_keys: Vec<String>,
@@ -94,6 +99,14 @@ pub fn hash_password(password: &str) -> Result<String, AccountError> {
         .hash_password(password.as_bytes())
         .map(|h| h.to_string())
         .map_err(|e| AccountError::Hash(e.to_string()))
+}
+
+/// The NT hash of a password as stored in [`Account::nt_hash`]: 32 lowercase hex characters.
+pub fn nt_hash_hex(password: &str) -> String {
+    crate::winrm::ntlm::nt_hash(password)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Check a password against a PHC string. Any malformed hash counts as a mismatch.
@@ -320,6 +333,31 @@ mod tests {
     }
 
     #[test]
+    fn nt_hash_hex_and_file_format() {
+        // MS-NLMP 4.2.2.1.1: NTOWFv1("Password").
+        assert_eq!(nt_hash_hex("Password"), "a4f49c406510bdcab6824ee7c30fd852");
+        let without = Account {
+            name: "k".into(),
+            password_hash: None,
+            nt_hash: None,
+            authorized_keys: vec![],
+            admin: false,
+            groups: vec![],
+            run_as: None,
+        };
+        let text = toml::to_string(&without).unwrap();
+        assert!(!text.contains("nt_hash"), "{text}");
+        let back: Account = toml::from_str(&text).unwrap();
+        assert_eq!(back, without);
+        let with = Account {
+            nt_hash: Some(nt_hash_hex("pw")),
+            ..without
+        };
+        let back: Account = toml::from_str(&toml::to_string(&with).unwrap()).unwrap();
+        assert_eq!(back.nt_hash, with.nt_hash);
+    }
+
+    #[test]
     fn authorized_keys_with_options_and_comments() {
         let text = format!(
             "# comment\n\nno-pty,command=\"x y\" {KEY}\n{}\n",
@@ -341,6 +379,7 @@ mod tests {
         let alice = Account {
             name: "alice".into(),
             password_hash: Some(hash_password("pw").unwrap()),
+            nt_hash: Some(nt_hash_hex("pw")),
             authorized_keys: parse_authorized_keys(KEY, "t").unwrap(),
             admin: true,
             groups: vec![],

@@ -110,6 +110,10 @@ enum UserCommand {
         /// Read the account's password from the first line of standard input.
         #[arg(long)]
         password_stdin: bool,
+        /// Do not store the NT hash that NTLM/Negotiate logins over WinRM need; the account can
+        /// then use WinRM only with Basic auth over HTTPS.
+        #[arg(long)]
+        no_ntlm: bool,
         /// Authorized SSH public keys (authorized_keys format); repeatable.
         #[arg(long = "authorized-key", value_name = "FILE")]
         authorized_keys: Vec<PathBuf>,
@@ -418,6 +422,7 @@ fn quickstart(args: QuickstartArgs) -> Result<()> {
         store.add(Account {
             name: me.clone(),
             password_hash: None,
+            nt_hash: None,
             authorized_keys: keys,
             admin: true,
             groups: Vec::new(),
@@ -473,6 +478,7 @@ fn user(cmd: UserCommand) -> Result<()> {
         UserCommand::Add {
             name,
             password_stdin,
+            no_ntlm,
             authorized_keys,
             admin,
             run_as,
@@ -491,7 +497,7 @@ fn user(cmd: UserCommand) -> Result<()> {
                 }
                 keys.extend(parsed);
             }
-            let password_hash = if password_stdin {
+            let (password_hash, nt_hash) = if password_stdin {
                 let mut line = String::new();
                 std::io::stdin()
                     .lock()
@@ -503,9 +509,10 @@ fn user(cmd: UserCommand) -> Result<()> {
                         "empty password on standard input: give a password, or use --authorized-key only"
                     );
                 }
-                Some(accounts::hash_password(password)?)
+                let nt_hash = (!no_ntlm).then(|| accounts::nt_hash_hex(password));
+                (Some(accounts::hash_password(password)?), nt_hash)
             } else {
-                None
+                (None, None)
             };
             if password_hash.is_none() && keys.is_empty() {
                 bail!(
@@ -533,6 +540,7 @@ fn user(cmd: UserCommand) -> Result<()> {
             store.add(Account {
                 name: name.clone(),
                 password_hash,
+                nt_hash,
                 authorized_keys: keys,
                 admin,
                 groups,
@@ -551,6 +559,9 @@ fn user(cmd: UserCommand) -> Result<()> {
                 let mut auth = Vec::new();
                 if a.password_hash.is_some() {
                     auth.push("password".to_string());
+                }
+                if a.nt_hash.is_some() {
+                    auth.push("ntlm".to_string());
                 }
                 if !a.authorized_keys.is_empty() {
                     auth.push(format!("{} key(s)", a.authorized_keys.len()));

@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use self::ntlm::{Acceptor, ChannelBinding, Lookup, Step};
+use super::ntlm::{self, Acceptor, ChannelBinding, Lookup, Step};
 use super::shell::{RequestContext, Shells};
 use super::soap::{self, Fault};
 use crate::accounts::{Account, AccountDb};
@@ -671,7 +671,7 @@ async fn negotiate(
     let lookup = |name: &str| -> Lookup {
         match accounts.get(name) {
             None => Lookup::Unknown,
-            Some(_a) => match None::<&str>.and_then(parse_hex16) {
+            Some(a) => match a.nt_hash.as_deref().and_then(parse_hex16) {
                 Some(h) => Lookup::Found(h),
                 None => Lookup::NoNtlm,
             },
@@ -793,54 +793,5 @@ mod tests {
         assert!(!is_soap("text/xml"));
         assert_eq!(split_scheme("Negotiate  abc"), ("Negotiate", "abc"));
         assert_eq!(split_scheme("Negotiate"), ("Negotiate", ""));
-    }
-}
-
-// TEMPORARY until winrm/ntlm.rs lands: refuses every NTLM login.
-mod ntlm {
-    pub enum Lookup {
-        Found([u8; 16]),
-        NoNtlm,
-        Unknown,
-    }
-    pub enum CbtPolicy {
-        Relaxed,
-        Strict,
-    }
-    pub struct ChannelBinding {
-        pub application_data: Vec<u8>,
-        pub policy: CbtPolicy,
-    }
-    pub enum Step {
-        Continue(Vec<u8>),
-        Done {
-            user: String,
-            token: Option<Vec<u8>>,
-        },
-    }
-    #[derive(Debug, thiserror::Error)]
-    #[error("NTLM is not available yet")]
-    pub struct AuthError;
-    impl AuthError {
-        pub fn user(&self) -> Option<&str> {
-            None
-        }
-    }
-    pub struct Acceptor;
-    impl Acceptor {
-        pub fn new(_b: Option<ChannelBinding>) -> Acceptor {
-            Acceptor
-        }
-        pub fn step(&mut self, _t: &[u8], l: &dyn Fn(&str) -> Lookup) -> Result<Step, AuthError> {
-            match l("") {
-                Lookup::Found(_) | Lookup::NoNtlm | Lookup::Unknown => Err(AuthError),
-            }
-        }
-        pub fn seal(&mut self, _p: &[u8]) -> Result<(Vec<u8>, Vec<u8>), AuthError> {
-            Err(AuthError)
-        }
-        pub fn unseal(&mut self, _s: &[u8], _p: &[u8]) -> Result<Vec<u8>, AuthError> {
-            Err(AuthError)
-        }
     }
 }
