@@ -1,8 +1,9 @@
 //! The WinRM transport (WS-Management cmd shell, ../shared/spec/winrm.md): an adapter onto the
-//! session host, like the SSH one. So far it holds the SOAP layer ([`soap`]): requests parsed
-//! into typed operations with hard limits and namespace checks by URI, responses and faults
-//! as pywinrm and pypsrp read them. The HTTP listener, authentication and the shell
-//! operations on the session host come next (issue 4).
+//! session host, like the SSH one, and unaware of it. [`http`] owns the listeners, the
+//! connections and who is logged in on them (Basic, or [`ntlm`]'s guarded NTLM/SPNEGO
+//! acceptor with message sealing); [`soap`] turns envelopes into typed operations and
+//! responses or faults into envelopes; [`shell`] carries the operations out on the session
+//! host; [`tls`] owns the HTTPS certificate.
 
 pub mod http;
 pub mod ntlm;
