@@ -267,7 +267,9 @@ async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
             "no listener is enabled (--ssh off, --socket off, --winrm-http off, --winrm-https off): nothing to serve. Give --ssh HOST:PORT"
         );
     }
-    let sessions = SessionHost::new(config.sessions.clone(), config.state_dir.join("sessions"));
+    let sessions_root = config.state_dir.join("sessions");
+    prepare_sessions_root(&config.state_dir, &sessions_root)?;
+    let sessions = SessionHost::new(config.sessions.clone(), sessions_root);
     // Subsystem mode alone (--ssh off) is valid: the host's own sshd is the way in.
     let server = match config.ssh.clone() {
         Some(ssh) => Some(
@@ -317,6 +319,25 @@ async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
     }
     let _ = reaper.await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Commands sessions keep per-session state in `root/ID`, owned by the session's user. When
+/// the agent runs as root, those users must be able to reach it: the state dir and `root`
+/// become traversable but not listable (0711); every file in them stays 0600 or 0700.
+fn prepare_sessions_root(state_dir: &Path, root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(root)
+        .with_context(|| format!("cannot create the sessions dir {}", root.display()))?;
+    let mode = if nix::unistd::geteuid().is_root() {
+        0o711
+    } else {
+        0o700
+    };
+    for dir in [state_dir, root] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set the permissions of {}", dir.display()))?;
+    }
     Ok(())
 }
 

@@ -54,11 +54,12 @@ pub fn home_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/"))
 }
 
-/// Create `dir` (and parents) if needed and make sure only its owner can enter it.
+/// Create `dir` (and parents) if needed and make sure only its owner can list, read or write it.
 pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let meta = std::fs::metadata(dir)?;
-    if meta.permissions().mode() & 0o077 != 0 {
+    // Others may traverse (0711, see the sessions dir) but never read or write.
+    if meta.permissions().mode() & 0o066 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())

@@ -388,6 +388,15 @@ pub fn signal_sessions(sids: &[u32], signal: nix::sys::signal::Signal) -> usize 
     hit
 }
 
+/// Whether any of the process groups `pgids` still has a process: a cheap test before
+/// [`signal_sessions`] for leaders whose children stay in their group (no job control).
+pub fn any_group_alive(pgids: &[u32]) -> bool {
+    pgids.iter().any(|g| {
+        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(*g as i32), None)
+            != Err(nix::errno::Errno::ESRCH)
+    })
+}
+
 /// Send `signal` to one process.
 pub fn signal_process(pid: u32, signal: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);

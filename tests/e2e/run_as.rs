@@ -126,3 +126,58 @@ fn run_as_account_runs_as_that_os_user() {
     let _ = std::fs::remove_file(&uploaded);
     let _ = std::fs::remove_file(format!("/home/{OS_USER}/made-by-carol"));
 }
+
+/// A run_as account's commands session: the wrapper that carries the working directory and
+/// variables over must reach its state dir (inside the root agent's state dir), and never
+/// turn a command's exit status into its own.
+#[test]
+fn run_as_commands_session_keeps_exit_codes_and_context() {
+    if !is_root() {
+        eprintln!(
+            "run_as_commands_session_keeps_exit_codes_and_context: NOT RUN — needs root (CI runs as root)"
+        );
+        return;
+    }
+    ensure_os_user();
+    let agent = Agent::start();
+    let key = agent.key("dave_key");
+    agent.user(
+        &[
+            "add",
+            "dave",
+            "--authorized-key",
+            &key.public.to_string_lossy(),
+            "--run-as",
+            OS_USER,
+        ],
+        None,
+    );
+    let client = Client::new();
+    let target = format!("dave@127.0.0.1:{}", agent.port());
+    let remote = |args: &[&str]| {
+        let mut cmd = client.remote();
+        cmd.arg("--identity").arg(&key.private).args(args);
+        run_with_timeout(&mut cmd, None, T)
+    };
+    let out = remote(&["session", "new", &target]);
+    assert!(out.status.success(), "session new: {}", stderr(&out));
+    let id = stdout(&out)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let session = format!("{target}/{id}");
+    let out = remote(&["exec", &session, "--", "cd /tmp; export DAVE=1; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let out = remote(&["exec", &session, "--", "id -un; pwd; echo $DAVE"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), format!("{OS_USER}\n/tmp\n1\n"));
+    let mode = std::fs::metadata(&agent.state_dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        mode.permissions().mode() & 0o777,
+        0o711,
+        "state dir: traversable, not listable"
+    );
+}

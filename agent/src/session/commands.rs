@@ -30,8 +30,10 @@ const WRAPPER: &str = r#"__rs_dir=$1; __rs_cmd=$2; shift 2
 if [ -f "$__rs_dir/cwd" ]; then cd -- "$(cat "$__rs_dir/cwd")" 2>/dev/null || true; fi
 __rs_save() {
   __rs_rc=$?
-  { pwd > "$__rs_dir/cwd.$$" && mv -f "$__rs_dir/cwd.$$" "$__rs_dir/cwd"; } 2>/dev/null
-  { export -p > "$__rs_dir/env.$$" && mv -f "$__rs_dir/env.$$" "$__rs_dir/env"; } 2>/dev/null
+  if [ -d "$__rs_dir" ] && [ -w "$__rs_dir" ]; then
+    { pwd > "$__rs_dir/cwd.$$" && mv -f "$__rs_dir/cwd.$$" "$__rs_dir/cwd"; } 2>/dev/null
+    { export -p > "$__rs_dir/env.$$" && mv -f "$__rs_dir/env.$$" "$__rs_dir/env"; } 2>/dev/null
+  fi
   exit $__rs_rc
 }
 trap __rs_save EXIT
@@ -52,11 +54,26 @@ pub enum Line {
 }
 
 /// What a new commands session starts with (a WinRM shell's WorkingDirectory and
-/// Environment).
-#[derive(Debug, Clone, Default)]
+/// Environment), and whether commands carry their working directory and exported variables
+/// over to the next.
+#[derive(Debug, Clone)]
 pub struct StartState {
     pub cwd: Option<PathBuf>,
     pub env: Vec<(String, String)>,
+    /// True: each command starts where the previous one left off (the session protocol's
+    /// commands shape). False: every command starts from `cwd` and `env`, as a WinRM shell's
+    /// commands do (Windows runs each in a fresh `cmd /c`), with one process fewer.
+    pub carry_over: bool,
+}
+
+impl Default for StartState {
+    fn default() -> Self {
+        StartState {
+            cwd: None,
+            env: Vec::new(),
+            carry_over: true,
+        }
+    }
 }
 
 /// `export NAME='value'` lines the wrapper's shell reads back; names that are not valid
@@ -108,22 +125,24 @@ impl Commands {
             path: dir.clone(),
             source,
         };
-        std::fs::create_dir_all(&dir).map_err(err)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-        let mut files = Vec::new();
-        if let Some(cwd) = &start.cwd {
-            files.push((dir.join("cwd"), format!("{}\n", cwd.display())));
-        }
-        if !start.env.is_empty() {
-            files.push((dir.join("env"), export_lines(&start.env)));
-        }
-        for (path, text) in &files {
-            std::fs::write(path, text).map_err(err)?;
-        }
-        if identity.switch {
-            for path in std::iter::once(&dir).chain(files.iter().map(|(p, _)| p)) {
-                nix::unistd::chown(path, Some(identity.uid), Some(identity.gid))
-                    .map_err(|e| err(e.into()))?;
+        if start.carry_over {
+            std::fs::create_dir_all(&dir).map_err(err)?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+            let mut files = Vec::new();
+            if let Some(cwd) = &start.cwd {
+                files.push((dir.join("cwd"), format!("{}\n", cwd.display())));
+            }
+            if !start.env.is_empty() {
+                files.push((dir.join("env"), export_lines(&start.env)));
+            }
+            for (path, text) in &files {
+                std::fs::write(path, text).map_err(err)?;
+            }
+            if identity.switch {
+                for path in std::iter::once(&dir).chain(files.iter().map(|(p, _)| p)) {
+                    nix::unistd::chown(path, Some(identity.uid), Some(identity.gid))
+                        .map_err(|e| err(e.into()))?;
+                }
             }
         }
         Ok(Commands {
@@ -172,7 +191,7 @@ impl Commands {
         let mut env = self.identity.base_env();
         let mut cwd = None;
         let (program, command) = match line {
-            Line::Shell(command) => (
+            Line::Shell(command) if self.start.carry_over => (
                 Program::Exec(
                     PathBuf::from(SHELL),
                     vec![
@@ -185,6 +204,14 @@ impl Commands {
                 ),
                 command,
             ),
+            Line::Shell(command) => {
+                env.extend(self.start.env.iter().cloned());
+                cwd = self.start.cwd.clone();
+                (
+                    Program::Exec(PathBuf::from(SHELL), vec!["-c".into(), command.clone()]),
+                    command,
+                )
+            }
             Line::Exec(argv) => {
                 let Some((program, args)) = argv.split_first() else {
                     return Err(SessionError::Invalid("an empty command".into()));
@@ -257,7 +284,10 @@ impl Commands {
     /// kill what remains a few seconds later.
     pub fn kill_all(&self) {
         let sids = self.sids.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if process::signal_sessions(&sids, Signal::SIGHUP) == 0 {
+        // Commands run under sh without job control: what they leave behind stays in their
+        // process group, so when no group is left, nothing is (and /proc need not be read).
+        if !process::any_group_alive(&sids) || process::signal_sessions(&sids, Signal::SIGHUP) == 0
+        {
             return;
         }
         tokio::spawn(async move {

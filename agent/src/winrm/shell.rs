@@ -174,7 +174,7 @@ impl Shells {
                 let shell = self.shell(who, req)?;
                 self.map().remove(&shell.id);
                 let _ = self.host.close(who, &shell.session.id);
-                tracing::info!(shell = %shell.id, session = %shell.session.id, owner = %who.name, "winrm shell deleted");
+                tracing::debug!(shell = %shell.id, session = %shell.session.id, owner = %who.name, "winrm shell deleted");
                 Ok(soap::delete_response(rel))
             }
             Body::Other { action } => Err(Fault::action_not_supported(action)),
@@ -254,9 +254,11 @@ impl Shells {
             .idle_timeout
             .map(|d| d.clamp(Duration::from_secs(1), self.settings.idle_timeout))
             .unwrap_or(self.settings.idle_timeout);
+        // Like Windows' `cmd /c`, each command starts afresh from the shell's settings.
         let mut start = StartState {
             cwd,
             env: create.environment.clone(),
+            carry_over: false,
         };
         if req
             .header
@@ -304,7 +306,7 @@ impl Shells {
             order: Mutex::new(Vec::new()),
         });
         self.map().insert(shell_id.clone(), shell);
-        tracing::info!(shell = %shell_id, session = %session.id, owner = %who.name, client = %ctx.client_ip, "winrm shell created");
+        tracing::info!(session = %session.id, shell = %shell_id, client = %ctx.client_ip, "winrm shell created");
         let details = soap::ShellDetails {
             address: ctx.address.clone(),
             owner: who.name.clone(),
