@@ -6,6 +6,11 @@
 //!
 //! Detach from `attach` with Enter, `~`, `.` (like ssh's escape), or Ctrl+C on a commands
 //! session; the session keeps running.
+//!
+//! WinRM sessions (a WinRM shell) have the same `exec` (Command + Receive until done) and
+//! `receive`, with one difference: a WinRM shell keeps no journal, so `receive` can only
+//! fetch the output of commands this machine started detached (`exec --detach`, or left
+//! running with a second Ctrl+C), and each piece of output is handed out once.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -16,8 +21,9 @@ use remote_proto::session::{
 };
 use tokio::io::AsyncReadExt;
 
-use crate::session::{FrameSender, SessionChannel, SessionError};
-use crate::ssh::signal_number;
+use crate::session::{self, FrameSender, SessionChannel, SessionError, SessionRef};
+use crate::ssh::{ProcessEvent, signal_number};
+use crate::winrm::{self, WinrmError};
 
 /// Acknowledgements that never hold up reading. Normally an acknowledgement is handed to
 /// the connection at once, right after its record was written out, so a client that dies
@@ -334,6 +340,188 @@ pub async fn start(ch: &mut SessionChannel, id: &str, command: &str) -> Result<i
             "started command {} in session {id}; its output: remote receive {id}",
             a.command_id
         ));
+    }
+    Ok(0)
+}
+
+fn winrm_stdio_error(e: std::io::Error) -> WinrmError {
+    WinrmError::Internal {
+        addr: "local".into(),
+        detail: format!("cannot write output: {e}"),
+    }
+}
+
+fn write_out(stdout: bool, data: &[u8]) -> std::io::Result<()> {
+    if stdout {
+        let mut out = std::io::stdout().lock();
+        out.write_all(data)?;
+        out.flush()
+    } else {
+        let mut err = std::io::stderr().lock();
+        err.write_all(data)?;
+        err.flush()
+    }
+}
+
+/// Remember a WinRM command whose output was left for `remote receive`.
+fn keep_for_receive(sref: &SessionRef, command_id: &str) -> String {
+    let reference = sref.target.session_ref(&sref.id);
+    if let Err(e) = session::record_command(&sref.id, command_id) {
+        crate::notice(&format!(
+            "{e}; `remote receive` will not know command {command_id}"
+        ));
+    }
+    reference
+}
+
+/// `remote exec` on a WinRM session: run `command` in the shell and follow it to its exit;
+/// returns its exit code. Ctrl+C sends ctrl_c to the command; a second one within 2 s leaves
+/// it running (its further output: `remote receive`).
+pub async fn winrm_exec(
+    client: std::sync::Arc<winrm::Client>,
+    sref: &SessionRef,
+    command: &str,
+    forward_input: bool,
+) -> Result<i32, WinrmError> {
+    let conn = client.connect(&sref.target).await?;
+    let stdin = if forward_input {
+        winrm::Stdin::Open
+    } else {
+        winrm::Stdin::Closed
+    };
+    let mut process = winrm::RemoteCommand::start(
+        client.clone(),
+        &sref.target,
+        conn,
+        winrm::command::Shell::Existing(&sref.id),
+        command,
+        stdin,
+        winrm::Cleanup::Terminate,
+    )
+    .await?;
+    let input = process.input();
+    if forward_input {
+        let mut chunks = crate::run::stdin_chunks();
+        let input = input.clone();
+        tokio::spawn(async move {
+            while let Some(data) = chunks.recv().await {
+                input.data(data);
+            }
+            input.eof();
+        });
+    }
+    let mut interrupts = Interrupts::new();
+    loop {
+        tokio::select! {
+            event = process.next_event() => match event {
+                Some(ProcessEvent::Stdout(d)) => write_out(true, &d).map_err(winrm_stdio_error)?,
+                Some(ProcessEvent::Stderr(d)) => write_out(false, &d).map_err(winrm_stdio_error)?,
+                None => break,
+            },
+            twice = Interrupts::next(&mut interrupts) => {
+                if twice {
+                    let reference = keep_for_receive(sref, process.command_id());
+                    crate::notice(&format!(
+                        "left command {} running in session {}; its further output: remote receive {reference}",
+                        process.command_id(),
+                        sref.id
+                    ));
+                    return Ok(130);
+                }
+                input.ctrl_c();
+            }
+        }
+    }
+    Ok(process.finish()?.code())
+}
+
+/// `remote exec --detach` on a WinRM session: start `command` (stdin closed), record it for
+/// `remote receive`, return at once.
+pub async fn winrm_start(
+    client: &winrm::Client,
+    sref: &SessionRef,
+    command: &str,
+) -> Result<i32, WinrmError> {
+    let mut conn = client.connect(&sref.target).await?;
+    let command_id = conn.command(&sref.id, command).await?;
+    conn.send_input(&sref.id, &command_id, &[], true).await?;
+    let reference = keep_for_receive(sref, &command_id);
+    crate::notice(&format!(
+        "started command {command_id} in session {}; its output: remote receive {reference}",
+        sref.id
+    ));
+    Ok(0)
+}
+
+/// How long `remote receive` waits for more output of one WinRM command before it moves on.
+const WINRM_RECEIVE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+/// And how long it keeps reading one command that never stops talking.
+const WINRM_RECEIVE_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `remote receive` on a WinRM session: the output not yet received of each command this
+/// machine started detached in it. Finished commands are reported and forgotten.
+pub async fn winrm_receive(client: &winrm::Client, sref: &SessionRef) -> Result<i32, WinrmError> {
+    let reference = sref.target.session_ref(&sref.id);
+    let commands = session::recorded_commands(&sref.id);
+    if commands.is_empty() {
+        crate::notice(&format!(
+            "nothing to receive in session {reference}: over WinRM, `remote receive` fetches the output of commands \
+             started from this machine with `remote exec --detach` (output of other commands went to whoever ran them, \
+             and a WinRM shell keeps no journal to replay)"
+        ));
+        return Ok(0);
+    }
+    let mut conn = client.connect(&sref.target).await?;
+    for command_id in commands {
+        let started = Instant::now();
+        loop {
+            if started.elapsed() > WINRM_RECEIVE_BUDGET {
+                crate::notice(&format!(
+                    "command {command_id} is still running and producing output; run `remote receive {reference}` again for more"
+                ));
+                break;
+            }
+            match conn
+                .receive(&sref.id, &command_id, WINRM_RECEIVE_POLL)
+                .await
+            {
+                Ok(None) => {
+                    crate::notice(&format!(
+                        "command {command_id} is still running; run `remote receive {reference}` again for more"
+                    ));
+                    break;
+                }
+                Ok(Some(r)) => {
+                    for (stream, data) in &r.output {
+                        let out = *stream == winrm::soap::OutStream::Stdout;
+                        write_out(out, data).map_err(winrm_stdio_error)?;
+                    }
+                    if let Some(code) = r.exit_code {
+                        crate::notice(&format!("command {command_id} exited with code {code}"));
+                        let _ = conn
+                            .signal(&sref.id, &command_id, winrm::soap::SIGNAL_TERMINATE)
+                            .await;
+                        session::forget_command(&sref.id, &command_id);
+                        break;
+                    }
+                }
+                Err(e) if e.fault().is_some_and(|f| f.is_unknown_command()) => {
+                    crate::notice(&format!(
+                        "command {command_id} is no longer known in session {}: it was ended, or its output was \
+                         received elsewhere; forgetting it",
+                        sref.id
+                    ));
+                    session::forget_command(&sref.id, &command_id);
+                    break;
+                }
+                Err(e) => {
+                    if e.fault().is_some_and(|f| f.is_shell_not_found()) {
+                        session::forget(&sref.id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
     }
     Ok(0)
 }

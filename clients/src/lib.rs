@@ -5,6 +5,8 @@
 //! * [`known_hosts`]: host key trust (accept new, refuse changed);
 //! * [`auth`]: credentials (keys, ssh-agent, password);
 //! * [`ssh`]: connect, authenticate, run commands and shells over russh's client;
+//! * [`winrm`]: the same commands over WS-Management (`winrm://`, `winrms://`): HTTP(S),
+//!   Basic or NTLM with message encryption, the WinRS cmd shell;
 //! * [`run`]: `remote run`, one command on many targets at once;
 //! * [`session`]: persistent sessions: the session protocol on the `remote` subsystem, and
 //!   how sessions are named; [`follow`]: `exec`, `attach` and `receive` on the terminal;
@@ -24,6 +26,7 @@ pub mod shell;
 pub mod ssh;
 pub mod target;
 pub mod terminal;
+pub mod winrm;
 
 pub use remote_proto::PROTOCOL_VERSION;
 

@@ -1,5 +1,6 @@
 //! The `remote` command (design.md §5): `run` a command on many targets, or open a `shell`
-//! on one, over SSH to remote-agent. Exit code: the remote command's (several targets: the
+//! on one, over SSH to remote-agent, or over WinRM (`winrm://`, `winrms://`) to remote-agent
+//! or Windows. Exit code: the remote command's (several targets: the
 //! first non-zero in target order), 255 when a target could not be reached or logged into,
 //! 130 after a second Ctrl+C.
 
@@ -14,10 +15,11 @@ use clap::{Args, Parser, Subcommand};
 use remote_client::auth::{CredentialOptions, Credentials};
 use remote_client::known_hosts::KnownHosts;
 use remote_client::output::{Output, Stream};
-use remote_client::run::{self, Interrupt, OutputMode, RunOptions};
+use remote_client::run::{self, Clients, Interrupt, OutputMode, RunOptions};
 use remote_client::session::{self, SessionChannel, SessionRef};
 use remote_client::ssh::{Client, ClientOptions};
 use remote_client::target::Target;
+use remote_client::winrm::{self, AuthMethod};
 use remote_client::{config, follow, shell, terminal};
 use remote_proto::session::{
     Buffering, CloseSession, ListSessions, OpenSession, SessionInfo, SessionState, Shape,
@@ -29,9 +31,12 @@ use remote_proto::session::{
     name = "remote",
     version,
     about = "Run commands on servers that run remote-agent",
-    after_help = "TARGET is [ssh://][user@]host[:port]; a bare host means SSH to the agent's port 2222.\n\
-                  Host keys are trusted on first use and recorded in $XDG_CONFIG_HOME/remote/known_hosts\n\
-                  (~/.config/remote/known_hosts); a changed key is refused."
+    after_help = "TARGET is [ssh://|winrm://|winrms://][user@]host[:port]; a bare host means SSH to the agent's\n\
+                  port 2222. winrm:// is WinRM over HTTP (port 5985), winrms:// over HTTPS (5986), to remote-agent\n\
+                  or Windows; they log in with a password (REMOTE_PASSWORD, --password-stdin, or asked).\n\
+                  SSH host keys are trusted on first use and recorded in $XDG_CONFIG_HOME/remote/known_hosts\n\
+                  (~/.config/remote/known_hosts), WinRM HTTPS certificates likewise in winrm_known_hosts there;\n\
+                  a changed key or certificate is refused."
 )]
 struct Cli {
     #[command(flatten)]
@@ -61,6 +66,29 @@ struct GlobalArgs {
     /// Never ask anything on the terminal (password, key passphrase): fail instead.
     #[arg(long, global = true)]
     batch: bool,
+    /// WinRM: how to log in. ntlm (the default) encrypts every message over http://;
+    /// basic sends the password with every request, so over http:// it is refused unless
+    /// the host is listed in $XDG_CONFIG_HOME/remote/trusted_hosts.
+    #[arg(long, value_name = "ntlm|basic", global = true, default_value = "ntlm",
+          value_parser = parse_auth)]
+    auth: AuthMethod,
+    /// winrms://: trust server certificates that chain to the CA certificates in FILE (PEM)
+    /// and name the host, instead of the fingerprints recorded on first contact.
+    #[arg(
+        long,
+        value_name = "FILE",
+        global = true,
+        conflicts_with = "fingerprint"
+    )]
+    ca: Option<PathBuf>,
+    /// winrms://: accept only the server certificate with this fingerprint (as remote-agent
+    /// prints it at start: SHA256:<base64>).
+    #[arg(long, value_name = "SHA256:...", global = true)]
+    fingerprint: Option<String>,
+}
+
+fn parse_auth(s: &str) -> Result<AuthMethod, String> {
+    AuthMethod::parse(s).ok_or_else(|| format!("unknown method '{s}': use ntlm or basic"))
 }
 
 #[derive(Subcommand)]
@@ -72,26 +100,29 @@ enum Command {
     /// goes to stderr, and the exit code is the first non-zero in target order. Ctrl+C is
     /// sent to the commands; a second Ctrl+C within 2 s disconnects.
     Run(RunArgs),
-    /// Open an interactive shell on a target (with a terminal when stdin is one).
+    /// Open an interactive shell on a target (with a terminal when stdin is one; SSH only).
     Shell(ShellArgs),
     /// Persistent sessions: open, list, remove. They outlive every connection to them.
     #[command(subcommand)]
     Session(SessionCommand),
     /// Run a command in a session and follow it to its exit. Its working directory and
-    /// exported variables carry over to the session's next command. stdin is forwarded;
+    /// exported variables carry over to the session's next command (WinRM shells of a
+    /// remote-agent too; a Windows host runs each in a fresh cmd /c). stdin is forwarded;
     /// Ctrl+C is sent to the command, a second Ctrl+C leaves it running.
     Exec(ExecArgs),
     /// Attach to a session: what it produced since it was last seen, then live output; a
     /// terminal session gets your keystrokes. Detach with Enter ~ . (or Ctrl+C on a commands
-    /// session); the session keeps running.
+    /// session); the session keeps running. SSH sessions only.
     Attach(SessionArg),
-    /// Print what a session produced since it was last seen, without attaching.
+    /// Print what a session produced since it was last seen, without attaching. On a WinRM
+    /// session: the output of the commands started from here with `exec --detach`.
     Receive(SessionArg),
 }
 
 #[derive(Subcommand)]
 enum SessionCommand {
-    /// Open a session on TARGET and print its id (alone, on the last line of stdout).
+    /// Open a session on TARGET and print its id (alone, on the last line of stdout). On a
+    /// WinRM target the session is a WinRM shell, printed as TARGET/SHELLID.
     New(SessionNewArgs),
     /// List your sessions on TARGET (default: the targets of sessions opened from here).
     List {
@@ -104,7 +135,7 @@ enum SessionCommand {
 
 #[derive(Args)]
 struct SessionNewArgs {
-    /// Where: [ssh://][user@]host[:port].
+    /// Where: [ssh://|winrm://|winrms://][user@]host[:port].
     #[arg(value_name = "TARGET")]
     target: String,
     /// A name to recognise it by in `remote session list`.
@@ -154,7 +185,8 @@ struct ExecArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Where to run: [ssh://][user@]host[:port], several separated by commas.
+    /// Where to run: [ssh://|winrm://|winrms://][user@]host[:port], several separated by
+    /// commas.
     #[arg(value_name = "TARGET[,TARGET...]")]
     targets: String,
     /// Work on at most N targets at once.
@@ -232,7 +264,16 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let sref = SessionRef::parse(&args.session)?;
             let forward = !args.no_stdin && !cli.global.password_stdin;
             let command = String::from_utf8_lossy(&run::command_line(&args.command)).into_owned();
-            with_session(&cli.global, &sref.target, async |ch| {
+            if sref.target.is_winrm() {
+                let clients = make_clients(&cli.global).await?;
+                let code = if args.detach {
+                    follow::winrm_start(&clients.winrm, &sref, &command).await?
+                } else {
+                    follow::winrm_exec(clients.winrm.clone(), &sref, &command, forward).await?
+                };
+                return Ok(code);
+            }
+            with_session(&cli.global, &sref.target, "exec", async |ch| {
                 if args.detach {
                     follow::start(ch, &sref.id, &command).await
                 } else {
@@ -243,15 +284,20 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Attach(args) => {
             let sref = SessionRef::parse(&args.session)?;
+            sref.target.require_ssh("attach")?;
             restore_terminal_on_termination()?;
-            with_session(&cli.global, &sref.target, async |ch| {
+            with_session(&cli.global, &sref.target, "attach", async |ch| {
                 follow::attach(ch, &sref.id).await
             })
             .await
         }
         Command::Receive(args) => {
             let sref = SessionRef::parse(&args.session)?;
-            with_session(&cli.global, &sref.target, async |ch| {
+            if sref.target.is_winrm() {
+                let clients = make_clients(&cli.global).await?;
+                return Ok(follow::winrm_receive(&clients.winrm, &sref).await?);
+            }
+            with_session(&cli.global, &sref.target, "receive", async |ch| {
                 follow::receive(ch, &sref.id).await
             })
             .await
@@ -259,12 +305,17 @@ async fn dispatch(cli: Cli) -> Result<i32> {
     }
 }
 
-/// Connect to `target`, open its session channel, and run `f` on it.
-async fn with_session<F>(global: &GlobalArgs, target: &Target, f: F) -> Result<i32>
+/// Connect to `target`, open its session channel, and run `f` on it (`remote COMMAND`, SSH).
+async fn with_session<F>(
+    global: &GlobalArgs,
+    target: &Target,
+    command: &'static str,
+    f: F,
+) -> Result<i32>
 where
     F: AsyncFnOnce(&mut SessionChannel) -> Result<i32, session::SessionError>,
 {
-    target.require_ssh()?;
+    target.require_ssh(command)?;
     let client = make_client(global).await?;
     let conn = client.connect(target).await?;
     let mut ch = SessionChannel::open(&conn).await?;
@@ -278,6 +329,10 @@ async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32
     match cmd {
         SessionCommand::New(args) => {
             let target = Target::parse(&args.target)?;
+            target.require_supported()?;
+            if target.is_winrm() {
+                return winrm_session_new(global, &target, &args).await;
+            }
             let buffering = match args.buffering.as_deref() {
                 None => Buffering::Default,
                 Some("block") => Buffering::Block,
@@ -301,7 +356,7 @@ async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32
                 attach: false,
             };
             let spec = target.spec.clone();
-            with_session(global, &target, async |ch| {
+            with_session(global, &target, "session new", async |ch| {
                 let reply = ch.request(client_frame::Msg::Open(open)).await?;
                 let Some(server_frame::Msg::Opened(o)) = reply.msg else {
                     return Err(session::SessionError::Protocol {
@@ -321,10 +376,37 @@ async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32
             .await
         }
         SessionCommand::List { target } => {
-            let targets = match target {
+            if let Some(t) = &target {
+                Target::parse(t)?.require_ssh("session list")?;
+            }
+            let mut winrm_recorded = Vec::new();
+            let targets: Vec<String> = match target {
                 Some(t) => vec![t],
-                None => session::recorded_targets(),
+                None => session::recorded_targets()
+                    .into_iter()
+                    .filter(|t| match Target::parse(t) {
+                        Ok(target) if target.is_winrm() => {
+                            winrm_recorded.push(t.clone());
+                            false
+                        }
+                        _ => true,
+                    })
+                    .collect(),
             };
+            if !winrm_recorded.is_empty() {
+                let refs: Vec<String> = session::recorded_sessions()
+                    .into_iter()
+                    .filter(|(_, t)| winrm_recorded.contains(t))
+                    .filter_map(|(id, t)| Target::parse(&t).ok().map(|t| t.session_ref(&id)))
+                    .collect();
+                remote_client::notice(&format!(
+                    "WinRM sessions opened from here (WinRM servers are not asked; they may have closed some): {}",
+                    refs.join(" ")
+                ));
+                if targets.is_empty() {
+                    return Ok(0);
+                }
+            }
             if targets.is_empty() {
                 remote_client::notice(
                     "no sessions opened from this machine; name a target: remote session list TARGET",
@@ -335,7 +417,7 @@ async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32
             let mut failed = 0;
             for t in &targets {
                 let target = Target::parse(t)?;
-                let listed = with_session(global, &target, async |ch| {
+                let listed = with_session(global, &target, "session list", async |ch| {
                     let reply = ch.request(client_frame::Msg::List(ListSessions {})).await?;
                     if let Some(server_frame::Msg::Sessions(l)) = reply.msg {
                         for s in l.sessions {
@@ -355,8 +437,24 @@ async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32
         }
         SessionCommand::Rm(args) => {
             let sref = SessionRef::parse(&args.session)?;
+            if sref.target.is_winrm() {
+                let clients = make_clients(global).await?;
+                let mut conn = clients.winrm.connect(&sref.target).await?;
+                let result = conn.delete_shell(&sref.id).await;
+                if result.is_ok()
+                    || result
+                        .as_ref()
+                        .err()
+                        .and_then(|e| e.fault())
+                        .is_some_and(|f| f.is_shell_not_found())
+                {
+                    session::forget(&sref.id);
+                }
+                result?;
+                return Ok(0);
+            }
             let id = sref.id.clone();
-            let code = with_session(global, &sref.target, async |ch| {
+            let code = with_session(global, &sref.target, "session rm", async |ch| {
                 ch.request(client_frame::Msg::Close(CloseSession {
                     session_id: id.clone(),
                 }))
@@ -436,35 +534,108 @@ fn restore_terminal_on_termination() -> Result<()> {
     Ok(())
 }
 
-async fn make_client(global: &GlobalArgs) -> Result<Arc<Client>> {
-    let credentials = Credentials::load(&CredentialOptions {
-        identities: global.identity.clone(),
-        password_stdin: global.password_stdin,
-        batch: global.batch,
-    })
-    .await?;
+/// The SSH and WinRM clients, sharing one set of credentials.
+async fn make_clients(global: &GlobalArgs) -> Result<Clients> {
+    let credentials = Arc::new(
+        Credentials::load(&CredentialOptions {
+            identities: global.identity.clone(),
+            password_stdin: global.password_stdin,
+            batch: global.batch,
+        })
+        .await?,
+    );
     let known_hosts = KnownHosts::new(config::known_hosts_file());
-    Ok(Arc::new(Client::new(
-        Arc::new(credentials),
+    let connect_timeout = Duration::from_secs(global.connect_timeout);
+    let ssh = Arc::new(Client::new(
+        credentials.clone(),
         Arc::new(known_hosts),
         ClientOptions {
-            connect_timeout: Duration::from_secs(global.connect_timeout),
+            connect_timeout,
             default_user: config::default_user(),
         },
-    )))
+    ));
+    let trust = winrm::tls::Trust::new(
+        global.ca.as_deref(),
+        global.fingerprint.as_deref(),
+        config::winrm_known_hosts_file(),
+    )?;
+    let winrm = Arc::new(winrm::Client::new(
+        credentials,
+        winrm::ClientOptions {
+            auth: global.auth,
+            connect_timeout,
+            default_user: config::default_user(),
+            trust,
+            trusted_hosts: config::trusted_hosts_file(),
+        },
+    ));
+    Ok(Clients { ssh, winrm })
+}
+
+async fn make_client(global: &GlobalArgs) -> Result<Arc<Client>> {
+    Ok(make_clients(global).await?.ssh)
+}
+
+/// `remote session new winrm://…`: a WinRM shell; prints TARGET/SHELLID.
+async fn winrm_session_new(
+    global: &GlobalArgs,
+    target: &Target,
+    args: &SessionNewArgs,
+) -> Result<i32> {
+    let unavailable = |what: &'static str, hint: &'static str| winrm::WinrmError::Unsupported {
+        what,
+        target: target.spec.clone(),
+        hint,
+    };
+    if args.terminal {
+        return Err(unavailable(
+            "--terminal",
+            "a WinRM shell runs commands, not a terminal; use an ssh:// target for a terminal session",
+        )
+        .into());
+    }
+    if args.buffering.is_some() || args.journal_mb.is_some() {
+        return Err(unavailable(
+            "--buffering/--journal-mb",
+            "the WinRM server decides how output is kept; leave these out",
+        )
+        .into());
+    }
+    if args.endpoint.is_some() {
+        return Err(unavailable(
+            "--endpoint",
+            "WinRM sessions are cmd shells; leave it out, or use an ssh:// target",
+        )
+        .into());
+    }
+    let clients = make_clients(global).await?;
+    let mut conn = clients.winrm.connect(target).await?;
+    let options = winrm::soap::ShellOptions {
+        idle_timeout: args.idle_timeout.map(Duration::from_secs),
+        name: args.name.clone(),
+    };
+    let id = conn.create_shell(&options).await?;
+    session::record(&id, &target.spec)?;
+    let reference = target.session_ref(&id);
+    remote_client::notice(&format!(
+        "opened WinRM shell {id} on {}; run commands in it: remote exec {reference} -- COMMAND",
+        target.spec
+    ));
+    println!("{reference}");
+    Ok(0)
 }
 
 async fn run_command(global: &GlobalArgs, args: RunArgs) -> Result<i32> {
     let targets = Target::parse_list(&args.targets)?;
     for t in &targets {
-        t.require_ssh()?;
+        t.require_supported()?;
     }
     // Like ssh: a closed stdout (`remote run … | head`) ends `remote` quietly.
     // SAFETY: setting a signal disposition to SIG_DFL has no preconditions.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let client = make_client(global).await?;
+    let clients = make_clients(global).await?;
     let interrupt = Interrupt::new();
     handle_signals(interrupt.clone())?;
     let output = Output::start();
@@ -482,7 +653,15 @@ async fn run_command(global: &GlobalArgs, args: RunArgs) -> Result<i32> {
         forward_stdin: !several && !global.password_stdin,
     };
     let command = run::command_line(&args.command);
-    let results = run::run(client, targets, command, options, interrupt, output.clone()).await;
+    let results = run::run(
+        clients,
+        targets,
+        command,
+        options,
+        interrupt,
+        output.clone(),
+    )
+    .await;
     match mode {
         OutputMode::Json => {
             for r in &results {
@@ -514,7 +693,7 @@ async fn run_command(global: &GlobalArgs, args: RunArgs) -> Result<i32> {
 
 async fn shell_command(global: &GlobalArgs, args: ShellArgs) -> Result<i32> {
     let target = Target::parse(&args.target)?;
-    target.require_ssh()?;
+    target.require_ssh("shell")?;
     let client = make_client(global).await?;
     let interrupt = Interrupt::new();
     handle_signals(interrupt.clone())?;

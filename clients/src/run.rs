@@ -1,11 +1,13 @@
 //! `remote run`: one command on many targets at once. Each target gets its own tokio task
-//! and SSH connection; a semaphore keeps at most `throttle` of them going. With one target
+//! and connection (SSH, or WinRM for `winrm://`/`winrms://` targets: a shell of its own,
+//! deleted after the command); a semaphore keeps at most `throttle` of them going. With one target
 //! the output passes through unchanged and stdin is forwarded; with several, every line is
 //! prefixed `label: ` and stdin is not read (the commands see EOF at once); `--json`
 //! collects everything into one JSON object per target instead.
 //!
-//! Interrupts ([`Interrupt`]) reach the remote commands as SSH `signal` requests (INT);
-//! targets still connecting when one arrives give up before starting the command.
+//! Interrupts ([`Interrupt`]) reach the remote commands as SSH `signal` requests (INT), or
+//! WinRM `ctrl_c` signals; targets still connecting when one arrives give up before starting
+//! the command.
 //!
 //! In JSON, `exit_code` is the code `remote` would report for that target (the status, or
 //! 128 + signal number when `signal` is set); it and `signal` are `null` when `error` is set.
@@ -18,11 +20,29 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use russh::Sig;
+use thiserror::Error;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::output::{LinePrefixer, Output, Stream};
 use crate::ssh::{Client, Exit, ProcessEvent, ProcessInput, SshError};
 use crate::target::Target;
+use crate::winrm::{self, WinrmError};
+
+/// Why a target could not run the command.
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    #[error(transparent)]
+    Winrm(#[from] WinrmError),
+}
+
+/// The clients for each transport, shared by all targets.
+#[derive(Clone)]
+pub struct Clients {
+    pub ssh: Arc<Client>,
+    pub winrm: Arc<winrm::Client>,
+}
 
 /// How output is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +107,7 @@ impl Interrupt {
 #[derive(Debug)]
 pub struct TargetResult {
     pub target: Target,
-    pub outcome: Result<Exit, SshError>,
+    pub outcome: Result<Exit, RunError>,
     /// Collected output (JSON mode only).
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
@@ -202,7 +222,7 @@ pub fn shell_quote(arg: &[u8]) -> Vec<u8> {
 
 /// Run `command` on every target; results in target order.
 pub async fn run(
-    client: Arc<Client>,
+    clients: Clients,
     targets: Vec<Target>,
     command: Vec<u8>,
     options: RunOptions,
@@ -214,7 +234,7 @@ pub async fn run(
     let mut tasks = Vec::with_capacity(targets.len());
     for target in targets {
         let job = Job {
-            client: client.clone(),
+            clients: clients.clone(),
             command: command.clone(),
             mode: options.mode,
             forward_stdin: options.forward_stdin,
@@ -235,10 +255,10 @@ pub async fn run(
         results.push(match task.await {
             Ok(r) => r,
             Err(e) => TargetResult {
-                outcome: Err(SshError::Internal {
+                outcome: Err(RunError::Ssh(SshError::Internal {
                     addr: target.host_port(),
                     detail: e.to_string(),
-                }),
+                })),
                 target,
                 stdout: Vec::new(),
                 stderr: Vec::new(),
@@ -250,7 +270,7 @@ pub async fn run(
 }
 
 struct Job {
-    client: Arc<Client>,
+    clients: Clients,
     command: Arc<[u8]>,
     mode: OutputMode,
     forward_stdin: bool,
@@ -262,7 +282,15 @@ impl Job {
     async fn run(self, target: Target) -> TargetResult {
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
-        let outcome = self.drive(&target, &mut stdout, &mut stderr).await;
+        let outcome = if target.is_winrm() {
+            self.drive_winrm(&target, &mut stdout, &mut stderr)
+                .await
+                .map_err(RunError::from)
+        } else {
+            self.drive(&target, &mut stdout, &mut stderr)
+                .await
+                .map_err(RunError::from)
+        };
         TargetResult {
             target,
             outcome,
@@ -285,7 +313,7 @@ impl Job {
             return Err(interrupted());
         }
         let conn = tokio::select! {
-            c = self.client.connect(target) => c?,
+            c = self.clients.ssh.connect(target) => c?,
             _ = intr.changed() => return Err(interrupted()),
         };
         if self.interrupt.fired() {
@@ -313,22 +341,7 @@ impl Job {
                             return Err(e);
                         }
                     };
-                    let (stream, data) = match event {
-                        ProcessEvent::Stdout(d) => (Stream::Stdout, d),
-                        ProcessEvent::Stderr(d) => (Stream::Stderr, d),
-                    };
-                    match self.mode {
-                        OutputMode::Passthrough => self.output.write(stream, data).await,
-                        OutputMode::Prefixed => {
-                            if let Some(lines) = prefixer.push(stream, &data) {
-                                self.output.write(stream, lines).await;
-                            }
-                        }
-                        OutputMode::Json => match stream {
-                            Stream::Stdout => stdout.extend_from_slice(&data),
-                            Stream::Stderr => stderr.extend_from_slice(&data),
-                        },
-                    }
+                    self.emit(event, &mut prefixer, stdout, stderr).await;
                 }
                 Ok(()) = intr.changed() => {
                     tracing::debug!(target = %target, "sending INT");
@@ -336,6 +349,107 @@ impl Job {
                 }
             }
         }
+        self.finish_lines(&mut prefixer).await;
+        conn.disconnect().await;
+        process.finish()
+    }
+
+    /// The same over WinRM: a shell of its own, the command, its output until it is done,
+    /// then the shell is deleted.
+    async fn drive_winrm(
+        &self,
+        target: &Target,
+        stdout: &mut Vec<u8>,
+        stderr: &mut Vec<u8>,
+    ) -> Result<Exit, WinrmError> {
+        let interrupted = || WinrmError::Interrupted {
+            addr: target.host_port(),
+        };
+        let mut intr = self.interrupt.subscribe();
+        if self.interrupt.fired() {
+            return Err(interrupted());
+        }
+        let line = String::from_utf8_lossy(&self.command).into_owned();
+        let stdin = if self.forward_stdin {
+            winrm::Stdin::Open
+        } else {
+            winrm::Stdin::Closed
+        };
+        let client = self.clients.winrm.clone();
+        let start = async {
+            let conn = client.connect(target).await?;
+            winrm::RemoteCommand::start(
+                client.clone(),
+                target,
+                conn,
+                winrm::command::Shell::New(&winrm::soap::ShellOptions::default()),
+                &line,
+                stdin,
+                winrm::Cleanup::DeleteShell,
+            )
+            .await
+        };
+        let mut process = tokio::select! {
+            p = start => p?,
+            _ = intr.changed() => return Err(interrupted()),
+        };
+        self.interrupt.command_started();
+        let input = process.input();
+        if self.forward_stdin {
+            let mut chunks = stdin_chunks();
+            let input = input.clone();
+            tokio::spawn(async move {
+                while let Some(data) = chunks.recv().await {
+                    input.data(data);
+                }
+                input.eof();
+            });
+        }
+        let mut prefixer = LinePrefixer::new(&target.label());
+        loop {
+            tokio::select! {
+                event = process.next_event() => match event {
+                    Some(event) => self.emit(event, &mut prefixer, stdout, stderr).await,
+                    None => break,
+                },
+                Ok(()) = intr.changed() => {
+                    tracing::debug!(target = %target, "sending ctrl_c");
+                    input.ctrl_c();
+                }
+            }
+        }
+        self.finish_lines(&mut prefixer).await;
+        process.finish()
+    }
+
+    /// Show or collect one piece of output.
+    async fn emit(
+        &self,
+        event: ProcessEvent,
+        prefixer: &mut LinePrefixer,
+        stdout: &mut Vec<u8>,
+        stderr: &mut Vec<u8>,
+    ) {
+        let (stream, data) = match event {
+            ProcessEvent::Stdout(d) => (Stream::Stdout, d),
+            ProcessEvent::Stderr(d) => (Stream::Stderr, d),
+        };
+        match self.mode {
+            OutputMode::Passthrough => self.output.write(stream, data).await,
+            OutputMode::Prefixed => {
+                if let Some(lines) = prefixer.push(stream, &data) {
+                    self.output.write(stream, lines).await;
+                }
+            }
+            OutputMode::Json => match stream {
+                Stream::Stdout => stdout.extend_from_slice(&data),
+                Stream::Stderr => stderr.extend_from_slice(&data),
+            },
+        }
+    }
+
+    /// Last lines without a newline, when prefixing.
+    async fn finish_lines(&self, prefixer: &mut LinePrefixer) {
         if self.mode == OutputMode::Prefixed {
             for stream in [Stream::Stdout, Stream::Stderr] {
                 if let Some(line) = prefixer.finish(stream) {
@@ -343,16 +457,27 @@ impl Job {
                 }
             }
         }
-        conn.disconnect().await;
-        process.finish()
     }
 }
 
-/// Copy local stdin to the remote command, then send EOF. A plain thread reads stdin
+/// Copy local stdin to the remote command, then send EOF.
+pub fn forward_stdin(input: ProcessInput) {
+    let mut rx = stdin_chunks();
+    tokio::spawn(async move {
+        while let Some(data) = rx.recv().await {
+            if input.data(data).await.is_err() {
+                return;
+            }
+        }
+        let _ = input.eof().await;
+    });
+}
+
+/// Local stdin in chunks; the channel closes at end of input. A plain thread reads stdin
 /// (blocking reads, stdin left in blocking mode for whoever shares it); the process does
 /// not wait for it when it exits.
-pub fn forward_stdin(input: ProcessInput) {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+pub fn stdin_chunks() -> mpsc::Receiver<Bytes> {
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
     let reader = std::thread::Builder::new()
         .name("remote-stdin".into())
         .spawn(move || {
@@ -378,14 +503,7 @@ pub fn forward_stdin(input: ProcessInput) {
     if let Err(e) = reader {
         tracing::warn!("cannot read stdin: {e}");
     }
-    tokio::spawn(async move {
-        while let Some(data) = rx.recv().await {
-            if input.data(data).await.is_err() {
-                return;
-            }
-        }
-        let _ = input.eof().await;
-    });
+    rx
 }
 
 #[cfg(test)]

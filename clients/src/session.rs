@@ -1,7 +1,10 @@
 //! Persistent sessions from the client's side: the session protocol
 //! (proto/session.proto) on the agent's `remote` SSH subsystem ([`SessionChannel`]), how a
 //! session is named on the command line ([`SessionRef`]: `TARGET/ID`, or a bare id found in
-//! the client's record of the sessions it opened), and that record itself.
+//! the client's record of the sessions it opened), and that record itself. A WinRM session
+//! is a WinRM shell (its ShellId is the id); the commands started in one with
+//! `remote exec --detach` are recorded too ([`record_command`]), because WinRM hands a
+//! command's output only to a client that names the command.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -294,15 +297,81 @@ pub fn record(id: &str, target: &str) -> Result<(), SessionError> {
     writeln!(f, "{id} {target}").map_err(err)
 }
 
-/// Forget session `id`.
+/// Every recorded session: (id, target as written), oldest first.
+pub fn recorded_sessions() -> Vec<(String, String)> {
+    std::fs::read_to_string(record_file())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(i, t)| (i.to_string(), t.trim().to_string()))
+        .collect()
+}
+
+/// Forget session `id` (and the commands recorded in it).
 pub fn forget(id: &str) {
-    let path = record_file();
-    if let Ok(text) = std::fs::read_to_string(&path) {
+    remove_lines(&record_file(), |first, _| first == id);
+    remove_lines(&commands_file(), |first, _| first == id);
+}
+
+fn remove_lines(path: &std::path::Path, drop: impl Fn(&str, &str) -> bool) {
+    if let Ok(text) = std::fs::read_to_string(path) {
         let kept: String = text
             .lines()
-            .filter(|l| l.split_once(' ').is_none_or(|(i, _)| i != id))
+            .filter(|l| {
+                let mut f = l.split_whitespace();
+                let (a, b) = (f.next().unwrap_or_default(), f.next().unwrap_or_default());
+                !drop(a, b)
+            })
             .map(|l| format!("{l}\n"))
             .collect();
-        let _ = std::fs::write(&path, kept);
+        let _ = std::fs::write(path, kept);
     }
+}
+
+/// Commands started detached in WinRM sessions, whose output `remote receive` fetches:
+/// `$XDG_CONFIG_HOME/remote/winrm_commands`, one `SESSION_ID COMMAND_ID` line each.
+pub fn commands_file() -> PathBuf {
+    crate::config::config_dir().join("winrm_commands")
+}
+
+/// Remember that command `command` runs in session `session`.
+pub fn record_command(session: &str, command: &str) -> Result<(), SessionError> {
+    let path = commands_file();
+    let err = |source| SessionError::Record {
+        path: path.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(err)?;
+    writeln!(f, "{session} {command}").map_err(err)
+}
+
+/// The commands recorded in session `session`, oldest first.
+pub fn recorded_commands(session: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in std::fs::read_to_string(commands_file())
+        .unwrap_or_default()
+        .lines()
+    {
+        let mut f = line.split_whitespace();
+        if let (Some(s), Some(c)) = (f.next(), f.next())
+            && s == session
+            && valid_id(c)
+            && !out.iter().any(|x| x == c)
+        {
+            out.push(c.to_string());
+        }
+    }
+    out
+}
+
+/// Forget command `command` of session `session`.
+pub fn forget_command(session: &str, command: &str) {
+    remove_lines(&commands_file(), |s, c| s == session && c == command);
 }

@@ -1,7 +1,9 @@
 //! Targets as written on the command line (design.md §5): `[scheme://][user@]host[:port]`,
 //! several of them separated by commas. A bare host means SSH to the agent's port 2222; IPv6
-//! addresses go in brackets (`[::1]:2222`, or a bare `::1` without a port). `winrm://`,
-//! `winrms://` and `relay://` parse, but this build only speaks SSH ([`Target::require_ssh`]).
+//! addresses go in brackets (`[::1]:2222`, or a bare `::1` without a port). `winrm://`
+//! (HTTP, port 5985) and `winrms://` (HTTPS, 5986) reach WinRM servers; `relay://` parses,
+//! but this build does not speak it yet ([`Target::require_supported`]). Some commands need
+//! the SSH transport ([`Target::require_ssh`]).
 
 use std::fmt;
 
@@ -88,6 +90,15 @@ pub enum TargetError {
         scheme: &'static str,
         ssh_port: u16,
     },
+    #[error(
+        "{target}: `remote {command}` needs the SSH transport ({reason}); use an ssh:// target for it (remote-agent's SSH port is {ssh_port} by default)"
+    )]
+    NeedsSsh {
+        target: String,
+        command: &'static str,
+        reason: &'static str,
+        ssh_port: u16,
+    },
 }
 
 impl Target {
@@ -117,6 +128,17 @@ impl Target {
         };
         // A trailing slash (ssh://host/) is harmless; anything after it is not ours to read.
         let rest = rest.strip_suffix('/').unwrap_or(rest);
+        // WinRM's path is always /wsman; accept it written out (winrm://host:5985/wsman).
+        let rest = match scheme {
+            Scheme::Winrm | Scheme::Winrms => {
+                let cut = rest.len().saturating_sub(6);
+                match rest.get(cut..) {
+                    Some(tail) if tail.eq_ignore_ascii_case("/wsman") => &rest[..cut],
+                    _ => rest,
+                }
+            }
+            _ => rest,
+        };
         let (user, hostport) = match rest.rsplit_once('@') {
             Some(("", _)) => {
                 return Err(TargetError::EmptyUser {
@@ -192,16 +214,56 @@ impl Target {
         Ok(targets)
     }
 
-    /// This build speaks SSH only; other schemes get a clear refusal.
-    pub fn require_ssh(&self) -> Result<(), TargetError> {
+    /// SSH and WinRM targets are spoken by this build; relay targets get a clear refusal.
+    pub fn require_supported(&self) -> Result<(), TargetError> {
         match self.scheme {
-            Scheme::Ssh => Ok(()),
+            Scheme::Ssh | Scheme::Winrm | Scheme::Winrms => Ok(()),
             other => Err(TargetError::NotSupported {
                 target: self.spec.clone(),
                 scheme: other.name(),
                 ssh_port: DEFAULT_SSH_PORT,
             }),
         }
+    }
+
+    /// For `remote COMMAND`, which only works over SSH (a terminal, live attach, listing
+    /// sessions): refuse other schemes, saying why.
+    pub fn require_ssh(&self, command: &'static str) -> Result<(), TargetError> {
+        match self.scheme {
+            Scheme::Ssh => Ok(()),
+            Scheme::Winrm | Scheme::Winrms => Err(TargetError::NeedsSsh {
+                target: self.spec.clone(),
+                command,
+                reason: match command {
+                    "shell" => "WinRM's cmd shell has no terminal",
+                    "attach" => {
+                        "a WinRM shell keeps no journal to replay and no live stream to join; \
+                         use `remote exec` and `remote receive` on WinRM sessions"
+                    }
+                    "session list" => {
+                        "WinRM servers do not list shells to this client; \
+                         WinRM sessions opened from here are in the client's session record"
+                    }
+                    _ => "WinRM cannot do it",
+                },
+                ssh_port: DEFAULT_SSH_PORT,
+            }),
+            other => Err(TargetError::NotSupported {
+                target: self.spec.clone(),
+                scheme: other.name(),
+                ssh_port: DEFAULT_SSH_PORT,
+            }),
+        }
+    }
+
+    /// A WinRM target (`winrm://` or `winrms://`).
+    pub fn is_winrm(&self) -> bool {
+        matches!(self.scheme, Scheme::Winrm | Scheme::Winrms)
+    }
+
+    /// `TARGET/ID`: how a session on this target is named on the command line.
+    pub fn session_ref(&self, id: &str) -> String {
+        format!("{}/{id}", self.spec.trim_end_matches('/'))
     }
 
     /// `host:port` (brackets around IPv6), for messages and connecting.
@@ -268,18 +330,31 @@ mod tests {
     }
 
     #[test]
-    fn other_schemes_parse_but_are_not_supported() {
-        for (s, port) in [
-            ("winrm://h", 5985),
-            ("winrms://h", 5986),
-            ("relay://h", 7443),
-        ] {
+    fn winrm_is_supported_relay_is_not() {
+        for (s, port) in [("winrm://h", 5985), ("winrms://h", 5986)] {
             let x = t(s);
             assert_eq!(x.port, port);
-            let e = x.require_ssh().unwrap_err().to_string();
-            assert!(e.contains("not supported yet by this build"), "{e}");
+            assert!(x.is_winrm());
+            assert!(x.require_supported().is_ok());
+            let e = x.require_ssh("attach").unwrap_err().to_string();
+            assert!(e.contains("needs the SSH transport"), "{e}");
+            assert_eq!(x.label(), "h");
         }
-        assert!(t("ssh://h").require_ssh().is_ok());
+        let x = t("WinRMs://alice@10.0.0.5:6000/");
+        assert_eq!(x.scheme, Scheme::Winrms);
+        assert_eq!(x.user.as_deref(), Some("alice"));
+        assert_eq!(x.port, 6000);
+        assert_eq!(x.label(), "10.0.0.5:6000");
+        assert_eq!(x.session_ref("ABC"), "WinRMs://alice@10.0.0.5:6000/ABC");
+        let x = t("winrm://h:5985/wsman/");
+        assert_eq!((x.host.as_str(), x.port), ("h", 5985));
+        assert_eq!(t("winrm://h/WSMAN").host, "h");
+        let x = t("relay://h");
+        assert_eq!(x.port, 7443);
+        let e = x.require_supported().unwrap_err().to_string();
+        assert!(e.contains("not supported yet by this build"), "{e}");
+        assert!(t("ssh://h").require_ssh("shell").is_ok());
+        assert!(!t("h").is_winrm());
     }
 
     #[test]

@@ -417,7 +417,7 @@ fn connection_refused_says_what_to_check() {
     );
     drop(agent);
     // Targets of other kinds parse, but this build does not speak them yet.
-    let out = client.run(&key, "winrm://127.0.0.1", &[], &["true"], None);
+    let out = client.run(&key, "relay://127.0.0.1", &[], &["true"], None);
     assert_eq!(out.status.code(), Some(255));
     assert!(
         stderr(&out).contains("not supported yet by this build"),

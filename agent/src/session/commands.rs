@@ -23,16 +23,23 @@ use super::journal::Journal;
 use super::terminal::exit_of;
 use crate::process::{self, Identity, Input, Program, Spec};
 
-/// The wrapper: `$1` is the state directory, `$2` the command line. `export -p` output is
-/// valid input for the same shell, so the environment round-trips exactly.
+/// The wrapper: `$1` is the state directory, `$2` the command line. One file, `env`, holds
+/// the state as `export -p` output (valid input for the same shell, so values round-trip
+/// exactly), the working directory in it as `__RS_PWD`. It is rewritten (write, then rename)
+/// only when the command changed something, so an ordinary command costs the shell and two
+/// forks of it, and no other program.
 const WRAPPER: &str = r#"__rs_dir=$1; __rs_cmd=$2; shift 2
 [ -f "$__rs_dir/env" ] && . "$__rs_dir/env"
-if [ -f "$__rs_dir/cwd" ]; then cd -- "$(cat "$__rs_dir/cwd")" 2>/dev/null || true; fi
+if [ -n "${__RS_PWD+x}" ]; then cd -- "$__RS_PWD" 2>/dev/null || true; fi
+__RS_PWD=$PWD; export __RS_PWD
+__rs_old=$(export -p)
+unset __RS_PWD
 __rs_save() {
   __rs_rc=$?
-  if [ -d "$__rs_dir" ] && [ -w "$__rs_dir" ]; then
-    { pwd > "$__rs_dir/cwd.$$" && mv -f "$__rs_dir/cwd.$$" "$__rs_dir/cwd"; } 2>/dev/null
-    { export -p > "$__rs_dir/env.$$" && mv -f "$__rs_dir/env.$$" "$__rs_dir/env"; } 2>/dev/null
+  __RS_PWD=$PWD; export __RS_PWD
+  __rs_new=$(export -p)
+  if [ "$__rs_new" != "$__rs_old" ] && [ -d "$__rs_dir" ] && [ -w "$__rs_dir" ]; then
+    { printf '%s\n' "$__rs_new" > "$__rs_dir/env.$$" && mv -f "$__rs_dir/env.$$" "$__rs_dir/env"; } 2>/dev/null
   fi
   exit $__rs_rc
 }
@@ -49,31 +56,17 @@ const SHELL: &str = "/bin/sh";
 pub enum Line {
     /// A shell command line; the working directory and exported variables carry over.
     Shell(String),
-    /// A program and its arguments, run directly (PATH lookup; nothing carries over).
+    /// A program and its arguments, run directly (PATH lookup) in the session's starting
+    /// directory and environment: without a shell, nothing carries over to or from it.
     Exec(Vec<String>),
 }
 
 /// What a new commands session starts with (a WinRM shell's WorkingDirectory and
-/// Environment), and whether commands carry their working directory and exported variables
-/// over to the next.
-#[derive(Debug, Clone)]
+/// Environment).
+#[derive(Debug, Clone, Default)]
 pub struct StartState {
     pub cwd: Option<PathBuf>,
     pub env: Vec<(String, String)>,
-    /// True: each command starts where the previous one left off (the session protocol's
-    /// commands shape). False: every command starts from `cwd` and `env`, as a WinRM shell's
-    /// commands do (Windows runs each in a fresh `cmd /c`), with one process fewer.
-    pub carry_over: bool,
-}
-
-impl Default for StartState {
-    fn default() -> Self {
-        StartState {
-            cwd: None,
-            env: Vec::new(),
-            carry_over: true,
-        }
-    }
 }
 
 /// `export NAME='value'` lines the wrapper's shell reads back; names that are not valid
@@ -125,24 +118,22 @@ impl Commands {
             path: dir.clone(),
             source,
         };
-        if start.carry_over {
-            std::fs::create_dir_all(&dir).map_err(err)?;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-            let mut files = Vec::new();
-            if let Some(cwd) = &start.cwd {
-                files.push((dir.join("cwd"), format!("{}\n", cwd.display())));
-            }
-            if !start.env.is_empty() {
-                files.push((dir.join("env"), export_lines(&start.env)));
-            }
-            for (path, text) in &files {
-                std::fs::write(path, text).map_err(err)?;
-            }
-            if identity.switch {
-                for path in std::iter::once(&dir).chain(files.iter().map(|(p, _)| p)) {
-                    nix::unistd::chown(path, Some(identity.uid), Some(identity.gid))
-                        .map_err(|e| err(e.into()))?;
-                }
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        let mut env = start.env.clone();
+        if let Some(cwd) = &start.cwd {
+            env.push(("__RS_PWD".into(), cwd.to_string_lossy().into_owned()));
+        }
+        let mut paths = vec![dir.clone()];
+        if !env.is_empty() {
+            let file = dir.join("env");
+            std::fs::write(&file, export_lines(&env)).map_err(err)?;
+            paths.push(file);
+        }
+        if identity.switch {
+            for path in &paths {
+                nix::unistd::chown(path, Some(identity.uid), Some(identity.gid))
+                    .map_err(|e| err(e.into()))?;
             }
         }
         Ok(Commands {
@@ -191,7 +182,7 @@ impl Commands {
         let mut env = self.identity.base_env();
         let mut cwd = None;
         let (program, command) = match line {
-            Line::Shell(command) if self.start.carry_over => (
+            Line::Shell(command) => (
                 Program::Exec(
                     PathBuf::from(SHELL),
                     vec![
@@ -204,15 +195,8 @@ impl Commands {
                 ),
                 command,
             ),
-            Line::Shell(command) => {
-                env.extend(self.start.env.iter().cloned());
-                cwd = self.start.cwd.clone();
-                (
-                    Program::Exec(PathBuf::from(SHELL), vec!["-c".into(), command.clone()]),
-                    command,
-                )
-            }
             Line::Exec(argv) => {
+                // No shell to carry state: the session's starting directory and variables.
                 let Some((program, args)) = argv.split_first() else {
                     return Err(SessionError::Invalid("an empty command".into()));
                 };

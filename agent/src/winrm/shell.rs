@@ -254,11 +254,9 @@ impl Shells {
             .idle_timeout
             .map(|d| d.clamp(Duration::from_secs(1), self.settings.idle_timeout))
             .unwrap_or(self.settings.idle_timeout);
-        // Like Windows' `cmd /c`, each command starts afresh from the shell's settings.
         let mut start = StartState {
             cwd,
             env: create.environment.clone(),
-            carry_over: false,
         };
         if req
             .header

@@ -1,0 +1,643 @@
+//! TLS for `winrms://` targets (rustls on the ring provider), never without a check of the
+//! server's certificate. Three ways to trust it:
+//!
+//! * `--ca FILE`: the certificate must chain to one of the PEM certificates in FILE and name
+//!   the host (ordinary WebPKI verification);
+//! * `--fingerprint SHA256:…`: the certificate must be exactly that one (the SHA-256 of its
+//!   DER, as `remote-agent` prints it at start);
+//! * otherwise trust on first use: the first certificate seen for `host:port` is recorded in
+//!   `$XDG_CONFIG_HOME/remote/winrm_known_hosts` (one `HOST:PORT SHA256:…` line each); later
+//!   connections must present the same one, and a changed certificate is refused with the
+//!   file and line to edit.
+//!
+//! With a pinned certificate the handshake signatures are still verified against its key, so
+//! only the holder of that certificate's private key gets through. Also here: the TLS
+//! channel binding (`tls-server-end-point`, RFC 5929) that NTLM carries over HTTPS.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD_NO_PAD;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use thiserror::Error;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("cannot use --ca {path}: {reason}; give a PEM file with one or more CA certificates")]
+    CaFile { path: PathBuf, reason: String },
+    #[error(
+        "--fingerprint {given}: not a SHA-256 fingerprint; write it as remote-agent prints it, SHA256:<43 base64 characters>"
+    )]
+    BadFingerprint { given: String },
+    #[error(
+        "TLS handshake with {addr} timed out after {secs} s: is that port remote-agent's HTTPS listener (remote-agent status; --winrm-https)?"
+    )]
+    Timeout { addr: String, secs: u64 },
+    #[error(
+        "TLS handshake with {addr} failed ({reason}): is that port an HTTPS listener (remote-agent's --winrm-https, default 5986)? For plain HTTP use winrm://"
+    )]
+    Handshake { addr: String, reason: String },
+    #[error(
+        "the certificate of {addr} is not trusted ({reason}) by the CA certificates in {ca}: check --ca, or pin the server's certificate with --fingerprint SHA256:… (remote-agent prints it when it starts)"
+    )]
+    Untrusted {
+        addr: String,
+        reason: String,
+        ca: PathBuf,
+    },
+    #[error(
+        "the certificate of {addr} is {seen}, not the pinned {expected}: check --fingerprint against what remote-agent printed at start (remote-agent status)"
+    )]
+    Mismatch {
+        addr: String,
+        seen: String,
+        expected: String,
+    },
+    #[error(
+        "the TLS certificate of {addr} has CHANGED: it is now {seen}, but {path}:{line} records {recorded}. \
+         Someone may be intercepting the connection, or the agent got a new certificate (reinstalled, new state directory). \
+         If you trust the new certificate (compare with the fingerprint remote-agent prints at start), delete line {line} of {path} and connect again"
+    )]
+    Changed {
+        addr: String,
+        seen: String,
+        recorded: String,
+        path: PathBuf,
+        line: usize,
+    },
+    #[error("cannot read {path}: {error}; fix its permissions, or move it away to start afresh")]
+    StoreRead {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(
+        "cannot record the certificate of {addr} in {path}: {error}; make the directory writable (or set XDG_CONFIG_HOME), or pass --fingerprint"
+    )]
+    StoreWrite {
+        addr: String,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+/// `SHA256:<base64 without padding>` of a certificate's DER (the form remote-agent prints).
+pub fn fingerprint(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    format!("SHA256:{}", STANDARD_NO_PAD.encode(digest.as_ref()))
+}
+
+/// Normalise a fingerprint given on the command line (`SHA256:` prefix optional, padding
+/// optional).
+pub fn parse_fingerprint(given: &str) -> Result<String, TlsError> {
+    let bad = || TlsError::BadFingerprint {
+        given: given.to_string(),
+    };
+    let t = given.trim();
+    let t = match t.get(..7) {
+        Some(p) if p.eq_ignore_ascii_case("sha256:") => &t[7..],
+        _ => t,
+    };
+    let t = t.trim_end_matches('=');
+    let bytes = STANDARD_NO_PAD.decode(t).map_err(|_| bad())?;
+    if bytes.len() != 32 {
+        return Err(bad());
+    }
+    Ok(format!("SHA256:{}", STANDARD_NO_PAD.encode(bytes)))
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// How server certificates are checked.
+#[derive(Clone)]
+pub enum Trust {
+    Ca {
+        roots: Arc<RootCertStore>,
+        path: PathBuf,
+    },
+    Pinned(String),
+    FirstUse(Arc<CertStore>),
+}
+
+impl Trust {
+    /// From the command-line options: `--ca`, else `--fingerprint`, else trust on first use
+    /// with the store at `store`.
+    pub fn new(
+        ca: Option<&Path>,
+        fingerprint: Option<&str>,
+        store: PathBuf,
+    ) -> Result<Trust, TlsError> {
+        if let Some(path) = ca {
+            let err = |reason: String| TlsError::CaFile {
+                path: path.to_path_buf(),
+                reason,
+            };
+            let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| err(format!("not PEM: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| err(format!("a certificate in it is unusable: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(err("it holds no CERTIFICATE block".into()));
+            }
+            return Ok(Trust::Ca {
+                roots: Arc::new(roots),
+                path: path.to_path_buf(),
+            });
+        }
+        if let Some(fp) = fingerprint {
+            return Ok(Trust::Pinned(parse_fingerprint(fp)?));
+        }
+        Ok(Trust::FirstUse(Arc::new(CertStore::new(store))))
+    }
+
+    /// Handshake over `tcp` with `host` (`addr` = host:port for messages). Returns the stream
+    /// and the server's certificate (DER).
+    pub async fn connect(
+        &self,
+        tcp: TcpStream,
+        host: &str,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<(TlsStream<TcpStream>, Vec<u8>), TlsError> {
+        let handshake_err = |reason: String| TlsError::Handshake {
+            addr: addr.to_string(),
+            reason,
+        };
+        let server_name = ServerName::try_from(host.to_string())
+            .map_err(|e| handshake_err(format!("'{host}' is not a valid TLS server name: {e}")))?;
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| handshake_err(e.to_string()))?;
+        let key = addr.to_ascii_lowercase();
+        let (config, pin) = match self {
+            Trust::Ca { roots, .. } => (
+                builder
+                    .with_root_certificates(roots.clone())
+                    .with_no_client_auth(),
+                None,
+            ),
+            Trust::Pinned(fp) => {
+                let v = Arc::new(PinVerifier::new(Some(fp.clone())));
+                (
+                    builder
+                        .dangerous()
+                        .with_custom_certificate_verifier(v.clone())
+                        .with_no_client_auth(),
+                    Some(v),
+                )
+            }
+            Trust::FirstUse(store) => {
+                let recorded = store.lookup(&key)?;
+                let v = Arc::new(PinVerifier::new(recorded.map(|(fp, _)| fp)));
+                (
+                    builder
+                        .dangerous()
+                        .with_custom_certificate_verifier(v.clone())
+                        .with_no_client_auth(),
+                    Some(v),
+                )
+            }
+        };
+        let connector = TlsConnector::from(Arc::new(config));
+        let result = tokio::time::timeout(timeout, connector.connect(server_name, tcp)).await;
+        let stream = match result {
+            Err(_) => {
+                return Err(TlsError::Timeout {
+                    addr: addr.to_string(),
+                    secs: timeout.as_secs().max(1),
+                });
+            }
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let seen = pin.as_ref().and_then(|p| p.seen());
+                return Err(self.explain(addr, &key, &e, seen)?);
+            }
+        };
+        let cert = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref().to_vec())
+            .ok_or_else(|| handshake_err("the server sent no certificate".into()))?;
+        if let Trust::FirstUse(store) = self {
+            let fp = fingerprint(&cert);
+            if store.lookup(&key)?.is_none() {
+                store.record(&key, &fp, addr)?;
+                crate::notice(&format!(
+                    "first contact with {addr}: trusting its TLS certificate {fp} and recording it in {} \
+                     (check it against what remote-agent printed at start; pin it with --fingerprint to be strict)",
+                    store.path().display()
+                ));
+            }
+        }
+        Ok((stream, cert))
+    }
+
+    /// Turn a failed handshake into the error that says what to do.
+    fn explain(
+        &self,
+        addr: &str,
+        key: &str,
+        e: &std::io::Error,
+        seen: Option<String>,
+    ) -> Result<TlsError, TlsError> {
+        let reason = e
+            .get_ref()
+            .map(|inner| inner.to_string())
+            .unwrap_or_else(|| e.to_string());
+        let is_cert_error = e
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+            .is_some_and(|r| {
+                matches!(
+                    r,
+                    rustls::Error::InvalidCertificate(_) | rustls::Error::General(_)
+                )
+            });
+        Ok(match self {
+            Trust::Ca { path, .. } if is_cert_error => TlsError::Untrusted {
+                addr: addr.to_string(),
+                reason,
+                ca: path.clone(),
+            },
+            Trust::Pinned(expected) if seen.as_ref().is_some_and(|s| s != expected) => {
+                TlsError::Mismatch {
+                    addr: addr.to_string(),
+                    seen: seen.unwrap_or_default(),
+                    expected: expected.clone(),
+                }
+            }
+            Trust::FirstUse(store) => match (store.lookup(key)?, seen) {
+                (Some((recorded, line)), Some(seen)) if recorded != seen => TlsError::Changed {
+                    addr: addr.to_string(),
+                    seen,
+                    recorded,
+                    path: store.path().to_path_buf(),
+                    line,
+                },
+                _ => TlsError::Handshake {
+                    addr: addr.to_string(),
+                    reason,
+                },
+            },
+            _ => TlsError::Handshake {
+                addr: addr.to_string(),
+                reason,
+            },
+        })
+    }
+}
+
+/// Accepts exactly one certificate (or, when `expected` is `None`, any: first use), and
+/// verifies the handshake signatures with its key.
+#[derive(Debug)]
+struct PinVerifier {
+    expected: Option<String>,
+    seen: Mutex<Option<String>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl PinVerifier {
+    fn new(expected: Option<String>) -> PinVerifier {
+        PinVerifier {
+            expected,
+            seen: Mutex::new(None),
+            algorithms: provider().signature_verification_algorithms,
+        }
+    }
+
+    fn seen(&self) -> Option<String> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let fp = fingerprint(end_entity.as_ref());
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(fp.clone());
+        match &self.expected {
+            Some(expected) if *expected != fp => Err(rustls::Error::General(format!(
+                "certificate {fp} is not the expected {expected}"
+            ))),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The recorded certificate fingerprints (`winrm_known_hosts`), read once per process.
+pub struct CertStore {
+    path: PathBuf,
+    state: Mutex<Option<StoreState>>,
+}
+
+struct StoreState {
+    /// (line number, host:port in lower case, fingerprint)
+    entries: Vec<(usize, String, String)>,
+    lines: usize,
+}
+
+const STORE_HEADER: &str = "# remote: TLS certificates of WinRM (winrms://) hosts, trusted on first use.\n\
+# One line each: HOST:PORT SHA256:<base64 SHA-256 of the certificate>. Delete a line to trust a new certificate.\n";
+
+impl CertStore {
+    pub fn new(path: PathBuf) -> CertStore {
+        CertStore {
+            path,
+            state: Mutex::new(None),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with_state<T>(
+        &self,
+        f: impl FnOnce(&mut StoreState) -> Result<T, TlsError>,
+    ) -> Result<T, TlsError> {
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(load_store(&self.path)?);
+        }
+        let state = guard.get_or_insert_with(|| StoreState {
+            entries: Vec::new(),
+            lines: 0,
+        });
+        f(state)
+    }
+
+    /// The recorded fingerprint for `key` (host:port, lower case) and its line.
+    pub fn lookup(&self, key: &str) -> Result<Option<(String, usize)>, TlsError> {
+        self.with_state(|s| {
+            Ok(s.entries
+                .iter()
+                .find(|(_, k, _)| k == key)
+                .map(|(line, _, fp)| (fp.clone(), *line)))
+        })
+    }
+
+    /// Append `key fingerprint`; returns its line number.
+    pub fn record(&self, key: &str, fp: &str, addr: &str) -> Result<usize, TlsError> {
+        let path = self.path.clone();
+        self.with_state(|s| {
+            let err = |error| TlsError::StoreWrite {
+                addr: addr.to_string(),
+                path: path.clone(),
+                error,
+            };
+            if let Some(dir) = path.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(err)?;
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(err)?;
+            let mut text = String::new();
+            let empty = f.metadata().map(|m| m.len() == 0).unwrap_or(false);
+            if empty {
+                text.push_str(STORE_HEADER);
+                s.lines = STORE_HEADER.lines().count();
+            }
+            text.push_str(&format!("{key} {fp}\n"));
+            f.write_all(text.as_bytes()).map_err(err)?;
+            s.lines += 1;
+            s.entries.push((s.lines, key.to_string(), fp.to_string()));
+            Ok(s.lines)
+        })
+    }
+}
+
+fn load_store(path: &Path) -> Result<StoreState, TlsError> {
+    let text = match std::fs::read(path) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(error) => {
+            return Err(TlsError::StoreRead {
+                path: path.to_path_buf(),
+                error,
+            });
+        }
+    };
+    let mut entries = Vec::new();
+    let mut lines = 0;
+    for (i, line) in text.lines().enumerate() {
+        lines = i + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        if let (Some(key), Some(fp)) = (fields.next(), fields.next())
+            && let Ok(fp) = parse_fingerprint(fp)
+        {
+            entries.push((i + 1, key.to_ascii_lowercase(), fp));
+        } else {
+            tracing::debug!("{}:{}: unreadable line skipped", path.display(), i + 1);
+        }
+    }
+    Ok(StoreState { entries, lines })
+}
+
+/// The TLS channel binding application data (RFC 5929 `tls-server-end-point`):
+/// `tls-server-end-point:` + hash of the certificate, the hash being the certificate's own
+/// signature hash, or SHA-256 for MD5, SHA-1 and anything unrecognised.
+pub fn channel_binding(cert_der: &[u8]) -> Vec<u8> {
+    let alg = match signature_hash(cert_der) {
+        Hash::Sha384 => &ring::digest::SHA384,
+        Hash::Sha512 => &ring::digest::SHA512,
+        Hash::Sha256 => &ring::digest::SHA256,
+    };
+    let mut out = b"tls-server-end-point:".to_vec();
+    out.extend_from_slice(ring::digest::digest(alg, cert_der).as_ref());
+    out
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Hash {
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+/// One DER TLV: (tag, content, rest).
+fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |a, &b| (a << 8) | b as usize);
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+const SEQUENCE: u8 = 0x30;
+const OID: u8 = 0x06;
+
+fn signature_hash(cert: &[u8]) -> Hash {
+    // Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue }
+    let parse = || -> Option<Hash> {
+        let (tag, cert, _) = tlv(cert)?;
+        (tag == SEQUENCE).then_some(())?;
+        let (_, _tbs, rest) = tlv(cert)?;
+        let (tag, alg, _) = tlv(rest)?;
+        (tag == SEQUENCE).then_some(())?;
+        let (tag, oid, params) = tlv(alg)?;
+        (tag == OID).then_some(())?;
+        const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+        const ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
+        const SHA384: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02];
+        const SHA512: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03];
+        Some(match oid {
+            [r @ .., 0x0c] if r == RSA => Hash::Sha384,
+            [r @ .., 0x0d] if r == RSA => Hash::Sha512,
+            [e @ .., 0x03] if e == ECDSA => Hash::Sha384,
+            [e @ .., 0x04] if e == ECDSA => Hash::Sha512,
+            // RSASSA-PSS: the hash is in the parameters.
+            [r @ .., 0x0a] if r == RSA => {
+                if params.windows(SHA384.len()).any(|w| w == SHA384) {
+                    Hash::Sha384
+                } else if params.windows(SHA512.len()).any(|w| w == SHA512) {
+                    Hash::Sha512
+                } else {
+                    Hash::Sha256
+                }
+            }
+            _ => Hash::Sha256,
+        })
+    };
+    parse().unwrap_or(Hash::Sha256)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_are_normalised() {
+        let fp = fingerprint(b"cert");
+        assert!(fp.starts_with("SHA256:") && !fp.ends_with('='));
+        assert_eq!(fp.len(), 7 + 43);
+        assert_eq!(parse_fingerprint(&fp).unwrap(), fp);
+        assert_eq!(parse_fingerprint(&fp[7..]).unwrap(), fp);
+        assert_eq!(
+            parse_fingerprint(&format!("sha256:{}=", &fp[7..])).unwrap(),
+            fp
+        );
+        assert!(parse_fingerprint("SHA256:abc").is_err());
+        assert!(parse_fingerprint("").is_err());
+    }
+
+    #[test]
+    fn store_records_and_finds_with_line_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/winrm_known_hosts");
+        let store = CertStore::new(path.clone());
+        assert_eq!(store.lookup("h:5986").unwrap(), None);
+        let a = fingerprint(b"a");
+        let b = fingerprint(b"b");
+        let line = store.record("h:5986", &a, "h:5986").unwrap();
+        assert_eq!(line, 3, "after the two header lines");
+        store.record("[::1]:5986", &b, "[::1]:5986").unwrap();
+        assert_eq!(store.lookup("h:5986").unwrap(), Some((a.clone(), 3)));
+        // A fresh reader sees the same, skipping junk.
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("junk\nx:1 SHA256:bad\n");
+        std::fs::write(&path, text).unwrap();
+        let again = CertStore::new(path.clone());
+        assert_eq!(again.lookup("[::1]:5986").unwrap(), Some((b.clone(), 4)));
+        assert_eq!(again.lookup("x:1").unwrap(), None);
+        let line = again.record("y:2", &a, "y:2").unwrap();
+        assert_eq!(line, 7);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap().lines().nth(6),
+            Some(format!("y:2 {a}").as_str())
+        );
+    }
+
+    #[test]
+    fn channel_binding_uses_the_signature_hash() {
+        // Minimal certificate shapes: SEQUENCE { SEQUENCE{} , SEQUENCE { OID }, BIT STRING }.
+        fn cert(oid: &[u8]) -> Vec<u8> {
+            let mut alg = vec![0x06, oid.len() as u8];
+            alg.extend_from_slice(oid);
+            let mut inner = vec![0x30, 0x00, 0x30, alg.len() as u8];
+            inner.extend_from_slice(&alg);
+            inner.extend_from_slice(&[0x03, 0x01, 0x00]);
+            let mut out = vec![0x30, inner.len() as u8];
+            out.extend_from_slice(&inner);
+            out
+        }
+        let sha256_rsa = cert(&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b]);
+        let sha384_ec = cert(&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03]);
+        let sha1_rsa = cert(&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x05]);
+        assert_eq!(signature_hash(&sha256_rsa), Hash::Sha256);
+        assert_eq!(signature_hash(&sha384_ec), Hash::Sha384);
+        assert_eq!(signature_hash(&sha1_rsa), Hash::Sha256);
+        assert_eq!(signature_hash(b"garbage"), Hash::Sha256);
+        let cb = channel_binding(&sha384_ec);
+        assert!(cb.starts_with(b"tls-server-end-point:"));
+        assert_eq!(cb.len(), 21 + 48);
+        assert_eq!(channel_binding(&sha256_rsa).len(), 21 + 32);
+    }
+}
