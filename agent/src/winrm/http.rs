@@ -722,8 +722,11 @@ fn parse_hex16(s: &str) -> Option<[u8; 16]> {
 /// unchanged.
 struct BasicCache {
     key: [u8; 32],
-    entries: Mutex<HashMap<String, ([u8; 32], String, Instant)>>,
+    entries: Mutex<HashMap<String, CachedLogin>>,
 }
+
+/// (keyed digest of user and password, the account's PHC hash then, when verified)
+type CachedLogin = ([u8; 32], String, Instant);
 
 impl Default for BasicCache {
     fn default() -> Self {
