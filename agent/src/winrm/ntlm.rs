@@ -105,7 +105,7 @@ pub enum AuthError {
     #[error("NTLM login for unknown user \"{0}\"")]
     UnknownUser(String),
     #[error(
-        "account \"{0}\" has no NT hash (it was created with --no-ntlm), so NTLM/Negotiate cannot log it in: re-add the account without --no-ntlm, or use Basic auth over HTTPS"
+        "account \"{0}\" has no NT hash (added with --no-ntlm, or before NTLM support), so NTLM/Negotiate cannot log it in: re-add the account without --no-ntlm, or use Basic auth over HTTPS"
     )]
     NoNtHash(String),
     #[error("wrong password for \"{0}\" (the NTLMv2 proof does not match)")]
