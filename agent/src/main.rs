@@ -242,7 +242,16 @@ fn state_dir(state: &StateArgs) -> Result<PathBuf> {
 }
 
 /// Printed once the listener is up: the bound address and the host key fingerprint.
-type Banner = Box<dyn FnOnce(std::net::SocketAddr, &str) + Send>;
+type Banner = Box<dyn FnOnce(&Listening) + Send>;
+
+/// Where the agent listens, for the quickstart banner.
+struct Listening {
+    ssh: std::net::SocketAddr,
+    host_key: String,
+    /// WinRM over HTTP, and over HTTPS with the certificate's fingerprint.
+    winrm_http: Option<std::net::SocketAddr>,
+    winrm_https: Option<(std::net::SocketAddr, String)>,
+}
 
 /// Run the agent until SIGTERM or SIGINT. `banner` is printed once the listener is up.
 async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
@@ -288,9 +297,13 @@ async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
         }
         None => None,
     };
-    let winrm = match config.winrm.clone() {
-        Some(settings) => Some(start_winrm(&config, settings, &store, &sessions, &shutdown).await?),
-        None => None,
+    let (winrm, winrm_bound) = match config.winrm.clone() {
+        Some(settings) => {
+            let (task, bound) =
+                start_winrm(&config, settings, &store, &sessions, &shutdown).await?;
+            (Some(task), Some(bound))
+        }
+        None => (None, None),
     };
     let reaper = tokio::spawn(sessions.clone().run_reaper(shutdown.clone()));
     tracing::info!(name = %config.name, state_dir = %config.state_dir.display(), "remote-agent started");
@@ -299,7 +312,14 @@ async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
             let addr = server.local_addr()?;
             eprintln!("remote-agent: ssh listening on {addr} (host key {fingerprint})");
             if let Some(banner) = banner {
-                banner(addr, &fingerprint);
+                banner(&Listening {
+                    ssh: addr,
+                    host_key: fingerprint.clone(),
+                    winrm_http: winrm_bound.as_ref().and_then(|b| b.http),
+                    winrm_https: winrm_bound
+                        .as_ref()
+                        .and_then(|b| b.https.zip(b.fingerprint.clone())),
+                });
             }
             Some(tokio::spawn(server.run()))
         }
@@ -348,7 +368,10 @@ async fn start_winrm(
     store: &AccountStore,
     sessions: &std::sync::Arc<SessionHost>,
     shutdown: &CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>> {
+) -> Result<(
+    tokio::task::JoinHandle<()>,
+    remote_agent::winrm::http::Bound,
+)> {
     use remote_agent::winrm::{http::WinrmServer, shell, tls};
     let identity = match settings.https {
         Some(_) => {
@@ -393,7 +416,7 @@ async fn start_winrm(
     if let (Some(addr), Some(fp)) = (bound.https, &bound.fingerprint) {
         eprintln!("remote-agent: winrm https listening on {addr} (certificate {fp})");
     }
-    Ok(tokio::spawn(server.run()))
+    Ok((tokio::spawn(server.run()), bound))
 }
 
 async fn wait_for_signal() -> Result<()> {
@@ -456,7 +479,8 @@ fn quickstart(args: QuickstartArgs) -> Result<()> {
         identity_hint = format!(" -i {}", key_file.display());
         identity_flag = format!(" --identity {}", key_file.display());
     }
-    let banner = Box::new(move |addr: std::net::SocketAddr, fp: &str| {
+    let banner = Box::new(move |l: &Listening| {
+        let (addr, fp) = (l.ssh, &l.host_key);
         let port = addr.port();
         let host = addr.ip();
         println!();
@@ -467,6 +491,22 @@ fn quickstart(args: QuickstartArgs) -> Result<()> {
         println!(
             "  remote{identity_flag} session new {me}@{host}:{port}   # a persistent session (target/release/remote)"
         );
+        if l.winrm_http.is_some() || l.winrm_https.is_some() {
+            let mut urls = Vec::new();
+            if let Some(a) = l.winrm_http {
+                urls.push(format!("http://{a}/wsman"));
+            }
+            if let Some((a, cert)) = &l.winrm_https {
+                urls.push(format!("https://{a}/wsman (certificate {cert})"));
+            }
+            println!(
+                "WinRM (pywinrm, pypsrp, Ansible, `remote run winrm://…`): {}",
+                urls.join(", ")
+            );
+            println!(
+                "  WinRM logs in with a password: echo PASSWORD | remote-agent user add NAME --password-stdin"
+            );
+        }
         println!(
             "Accounts: remote-agent user list | user add NAME --authorized-key FILE. Ctrl+C stops the agent."
         );
