@@ -91,6 +91,31 @@ pub struct AgentOptions {
     pub config: String,
 }
 
+/// WinRM listeners for a test agent (`Agent::start_winrm`). Without them every test agent
+/// runs with `--winrm-http off --winrm-https off`.
+#[derive(Clone, Default)]
+pub struct WinrmOptions {
+    /// Pass `--allow-unencrypted` (Basic and plaintext SOAP over plain HTTP).
+    pub allow_unencrypted: bool,
+    /// Start the plain-HTTP listener (127.0.0.1:0).
+    pub http: bool,
+    /// Start the HTTPS listener (127.0.0.1:0).
+    pub https: bool,
+    /// More arguments for `remote-agent run`.
+    pub extra_args: Vec<String>,
+}
+
+impl WinrmOptions {
+    /// Both listeners on 127.0.0.1 (ephemeral ports), encryption required on HTTP.
+    pub fn both() -> WinrmOptions {
+        WinrmOptions {
+            http: true,
+            https: true,
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for AgentOptions {
     fn default() -> Self {
         AgentOptions {
@@ -106,6 +131,12 @@ pub struct Agent {
     /// The agent's local socket (subsystem mode).
     pub socket: PathBuf,
     pub addr: SocketAddr,
+    /// The WinRM plain-HTTP listener, when started (`Agent::start_winrm`).
+    pub winrm_http: Option<SocketAddr>,
+    /// The WinRM HTTPS listener, when started.
+    pub winrm_https: Option<SocketAddr>,
+    /// The HTTPS certificate's fingerprint as logged (`SHA256:...`).
+    pub winrm_fingerprint: Option<String>,
     child: Option<Child>,
     log: mpsc::Receiver<String>,
     log_lines: Vec<String>,
@@ -117,6 +148,16 @@ impl Agent {
     }
 
     pub fn start_with(opts: AgentOptions) -> Agent {
+        Agent::start_inner(opts, None)
+    }
+
+    /// An agent with WinRM listeners on 127.0.0.1 (see `WinrmOptions`); their addresses are
+    /// in `winrm_http` / `winrm_https`.
+    pub fn start_winrm(opts: AgentOptions, winrm: WinrmOptions) -> Agent {
+        Agent::start_inner(opts, Some(winrm))
+    }
+
+    fn start_inner(opts: AgentOptions, winrm: Option<WinrmOptions>) -> Agent {
         let dir = tempfile::Builder::new()
             .prefix("remote-test-")
             .tempdir()
@@ -139,6 +180,7 @@ impl Agent {
             .args(["--ssh", "127.0.0.1:0"])
             .arg("--socket")
             .arg(&socket)
+            .args(winrm_args(winrm.as_ref()))
             .env("REMOTE_AGENT_LOG", "info,russh=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -156,34 +198,53 @@ impl Agent {
         });
         let mut log_lines = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(20);
-        let addr = loop {
+        let want_http = winrm.as_ref().is_some_and(|w| w.http);
+        let want_https = winrm.as_ref().is_some_and(|w| w.https);
+        let mut addr = None;
+        let mut winrm_http = None;
+        let mut winrm_https = None;
+        let mut winrm_fingerprint = None;
+        while addr.is_none()
+            || (want_http && winrm_http.is_none())
+            || (want_https && winrm_https.is_none())
+        {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
-                    let found = line
-                        .split("ssh listening on ")
-                        .nth(1)
-                        .and_then(|rest| rest.split_whitespace().next())
-                        .and_then(|a| a.parse::<SocketAddr>().ok());
-                    log_lines.push(line);
-                    if let Some(a) = found {
-                        break a;
+                    if let Some(a) = listener_addr(&line, "ssh listening on ") {
+                        addr = Some(a);
                     }
+                    if let Some(a) = listener_addr(&line, "winrm http listening on ") {
+                        winrm_http = Some(a);
+                    }
+                    if let Some(a) = listener_addr(&line, "winrm https listening on ") {
+                        winrm_https = Some(a);
+                        winrm_fingerprint = line
+                            .split("(certificate ")
+                            .nth(1)
+                            .map(|rest| rest.trim_end().trim_end_matches(')').to_string());
+                    }
+                    log_lines.push(line);
                 }
                 Err(_) => {
                     let _ = child.kill();
                     panic!(
-                        "agent did not report its listener; log:\n{}",
+                        "agent did not report its listeners (ssh {addr:?}, winrm http {winrm_http:?}, \
+                         winrm https {winrm_https:?}); log:\n{}",
                         log_lines.join("\n")
                     );
                 }
             }
-        };
+        }
+        let addr = addr.expect("ssh listener");
         Agent {
             dir,
             state_dir,
             socket,
             addr,
+            winrm_http,
+            winrm_https,
+            winrm_fingerprint,
             child: Some(child),
             log: rx,
             log_lines,
@@ -344,6 +405,35 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `remote-agent run` arguments for the WinRM listeners: off unless asked for.
+fn winrm_args(winrm: Option<&WinrmOptions>) -> Vec<String> {
+    let Some(w) = winrm else {
+        return ["--winrm-http", "off", "--winrm-https", "off"]
+            .map(String::from)
+            .to_vec();
+    };
+    let listen = |on: bool| if on { "127.0.0.1:0" } else { "off" }.to_string();
+    let mut args = vec![
+        "--winrm-http".to_string(),
+        listen(w.http),
+        "--winrm-https".to_string(),
+        listen(w.https),
+    ];
+    if w.allow_unencrypted {
+        args.push("--allow-unencrypted".into());
+    }
+    args.extend(w.extra_args.iter().cloned());
+    args
+}
+
+/// The address after `marker` in an agent log line (`... ssh listening on 127.0.0.1:PORT`).
+fn listener_addr(line: &str, marker: &str) -> Option<SocketAddr> {
+    line.split(marker)
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse::<SocketAddr>().ok())
 }
 
 /// Client options shared by ssh, sftp and scp: no user config, no known_hosts, no agent.
@@ -548,5 +638,100 @@ impl Screen {
         }
         let at = self.seen.find(needle).unwrap_or(0) + needle.len();
         self.seen.drain(..at);
+    }
+}
+
+/// WinRM interop helpers: the Python driver (tests/interop/winrm_client.py, pywinrm and
+/// pypsrp from the tests' venv) and the JSON it speaks.
+pub mod winrm {
+    use super::*;
+    pub use serde_json::{Value, json};
+
+    /// tests/interop/winrm_client.py
+    pub fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/winrm_client.py")
+    }
+
+    /// Run `ops` (JSON objects, each with an `op`) through the driver; one result per op.
+    /// Panics with the driver's stderr when it fails as a program.
+    pub fn py(ops: &[Value]) -> Vec<Value> {
+        let input = serde_json::to_vec(ops).expect("json");
+        let out = run_with_timeout(
+            Command::new(python())
+                .arg(script())
+                .env("PYTHONUNBUFFERED", "1"),
+            Some(&input),
+            Duration::from_secs(180),
+        );
+        assert!(
+            out.status.success(),
+            "winrm_client.py failed ({}): {}\nstdout: {}",
+            out.status,
+            stderr(&out),
+            stdout(&out)
+        );
+        let results: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "winrm_client.py printed no JSON array ({e}): {}\n{}",
+                stdout(&out),
+                stderr(&out)
+            )
+        });
+        assert_eq!(results.len(), ops.len(), "one result per op: {results:?}");
+        results
+    }
+
+    /// One op.
+    pub fn py1(op: Value) -> Value {
+        py(&[op]).remove(0)
+    }
+
+    /// `base` (an object) with the fields of `extra` added or replaced.
+    pub fn with(base: &Value, extra: Value) -> Value {
+        let mut v = base.clone();
+        if let (Some(m), Value::Object(e)) = (v.as_object_mut(), extra) {
+            m.extend(e);
+        }
+        v
+    }
+
+    pub fn http_url(agent: &Agent) -> String {
+        format!(
+            "http://{}/wsman",
+            agent.winrm_http.expect("winrm http listener")
+        )
+    }
+
+    pub fn https_url(agent: &Agent) -> String {
+        format!(
+            "https://{}/wsman",
+            agent.winrm_https.expect("winrm https listener")
+        )
+    }
+
+    /// pywinrm connection parameters.
+    pub fn pywinrm(url: &str, transport: &str, user: &str, password: &str) -> Value {
+        json!({"endpoint": url, "transport": transport, "user": user, "password": password})
+    }
+
+    /// The result of an op that must have succeeded.
+    #[track_caller]
+    pub fn ok(r: &Value) -> &Value {
+        assert!(
+            r.get("error").is_none(),
+            "{} failed: {r:#}",
+            r["label"].as_str().or(r["op"].as_str()).unwrap_or("op")
+        );
+        r
+    }
+
+    /// A result's `error.type`, if the op failed.
+    pub fn error_type(r: &Value) -> Option<&str> {
+        r["error"]["type"].as_str()
+    }
+
+    /// The WS-Man fault code pywinrm reported for a failed op.
+    pub fn fault_code(r: &Value) -> Option<u64> {
+        r["error"]["wsman_fault_code"].as_u64()
     }
 }
