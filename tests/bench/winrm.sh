@@ -254,8 +254,8 @@ done
 # ---------------------------------------------------------------- 1-3. the load, per scheme
 for s in $SCHEMES; do
     log "$s: $CLIENTS clients in $PROCS processes, ${WARMUP} s warm-up + ${SECS} s window"
-    created0="$(grep -c 'winrm shell created' "$T/agent.log")"
-    deleted0="$(grep -c 'winrm shell deleted' "$T/agent.log")"
+    created0="$(grep -c 'session opened' "$T/agent.log")"
+    deleted0="$(grep -c 'session closed' "$T/agent.log")"
     "$PY" "$HELPER" load --url "$(url "$s")" --user "$ACCOUNT" --password-file "$T/password" \
         --clients "$CLIENTS" --procs "$PROCS" --warmup "$WARMUP" --secs "$SECS" \
         --agent-pid "$AGENT_PID" --agent-log "$T/agent.log" --prefix "$s" >"$T/load-$s" 2>"$T/load-$s.err"
@@ -273,8 +273,8 @@ for s in $SCHEMES; do
     sleep 1
     read -r kids zombies < <(agent_children)
     put "${s}_children_after" "$kids"; put "${s}_zombies_after" "$zombies"
-    put "${s}_created" "$(( $(grep -c 'winrm shell created' "$T/agent.log") - created0 ))"
-    put "${s}_deleted" "$(( $(grep -c 'winrm shell deleted' "$T/agent.log") - deleted0 ))"
+    put "${s}_created" "$(( $(grep -c 'session opened' "$T/agent.log") - created0 ))"
+    put "${s}_deleted" "$(( $(grep -c 'session closed' "$T/agent.log") - deleted0 ))"
     put "${s}_session_files" "$(find "$T/agent-state/sessions" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)"
     # Anomalies.
     fw="$(get "${s}_fail_window")"; ft="$(get "${s}_fail_total")"

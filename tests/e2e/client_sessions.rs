@@ -50,6 +50,24 @@ fn exec_keeps_context_streams_and_exit_codes() {
     let (_agent, key, target) = setup();
     let client = Client::new();
     let id = new_session(&client, &key, &target, &["--name", "build"]);
+    // Simple commands (run without the shell while the session has no state) behave as
+    // under the shell: output, exit status, and "not found" with 127.
+    let simple = |line: &str| {
+        run_with_timeout(
+            &mut remote(&client, &key, &["exec", &id, "--", line]),
+            None,
+            T,
+        )
+    };
+    let out = simple("ls -d /tmp");
+    assert_eq!(
+        (stdout(&out).as_str(), out.status.code()),
+        ("/tmp\n", Some(0))
+    );
+    assert_eq!(simple("false").status.code(), Some(1));
+    let out = simple("no-such-program-here --flag");
+    assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
     // A bare id works on the machine that opened the session.
     let out = run_with_timeout(
         &mut remote(&client, &key, &["exec", &id, "--", "cd /tmp; export X=42"]),
@@ -69,6 +87,13 @@ fn exec_keeps_context_streams_and_exit_codes() {
     assert_eq!(stdout(&out), "/tmp\n42\n");
     assert_eq!(stderr(&out), "oops\n");
     assert_eq!(out.status.code(), Some(3));
+    // Once the session has state, simple commands see it too.
+    let out = simple("env");
+    assert!(
+        stdout(&out).lines().any(|l| l == "X=42"),
+        "{}",
+        stdout(&out)
+    );
     // stdin is forwarded; a signal death is 128+n.
     let out = run_with_timeout(
         &mut remote(&client, &key, &["exec", &id, "--", "cat; kill -TERM $$"]),

@@ -25,9 +25,9 @@ use crate::process::{self, Identity, Input, Program, Spec};
 
 /// The wrapper: `$1` is the state directory, `$2` the command line. One file, `env`, holds
 /// the state as `export -p` output (valid input for the same shell, so values round-trip
-/// exactly), the working directory in it as `__RS_PWD`. It is rewritten (write, then rename)
-/// only when the command changed something, so an ordinary command costs the shell and two
-/// forks of it, and no other program.
+/// exactly), the working directory in it as `__RS_PWD`. The directory is made, and the file
+/// rewritten (write, then rename), only when a command changed something: an ordinary
+/// command costs the shell and two forks of it, and no other program.
 const WRAPPER: &str = r#"__rs_dir=$1; __rs_cmd=$2; shift 2
 [ -f "$__rs_dir/env" ] && . "$__rs_dir/env"
 if [ -n "${__RS_PWD+x}" ]; then cd -- "$__RS_PWD" 2>/dev/null || true; fi
@@ -38,8 +38,11 @@ __rs_save() {
   __rs_rc=$?
   __RS_PWD=$PWD; export __RS_PWD
   __rs_new=$(export -p)
-  if [ "$__rs_new" != "$__rs_old" ] && [ -d "$__rs_dir" ] && [ -w "$__rs_dir" ]; then
-    { printf '%s\n' "$__rs_new" > "$__rs_dir/env.$$" && mv -f "$__rs_dir/env.$$" "$__rs_dir/env"; } 2>/dev/null
+  if [ "$__rs_new" != "$__rs_old" ]; then
+    [ -d "$__rs_dir" ] || mkdir -m 700 -- "$__rs_dir" 2>/dev/null
+    if [ -w "$__rs_dir" ]; then
+      { printf '%s\n' "$__rs_new" > "$__rs_dir/env.$$" && mv -f "$__rs_dir/env.$$" "$__rs_dir/env"; } 2>/dev/null
+    fi
   fi
   exit $__rs_rc
 }
@@ -67,6 +70,40 @@ pub enum Line {
 pub struct StartState {
     pub cwd: Option<PathBuf>,
     pub env: Vec<(String, String)>,
+}
+
+/// Names that `sh -c` would not look up in PATH: reserved words, and dash's builtins (which
+/// may behave differently from the program of the same name, or change the shell's state).
+/// `true` and `false` are missing on purpose: the programs do exactly what the builtins do.
+const SHELL_WORDS: &[&str] = &[
+    ".", ":", "[", "alias", "bg", "break", "case", "cd", "chdir", "command", "continue", "do",
+    "done", "echo", "elif", "else", "esac", "eval", "exec", "exit", "export", "fc", "fg", "fi",
+    "for", "getopts", "hash", "if", "in", "jobs", "kill", "local", "printf", "pwd", "read",
+    "readonly", "return", "set", "shift", "test", "then", "times", "trap", "type", "ulimit",
+    "umask", "unalias", "unset", "until", "wait", "while",
+];
+
+/// The argv of a command line the shell would run as one program with these words as its
+/// arguments: words of letters, digits and `_ . / - + , : @ % =` separated by spaces or
+/// tabs, the first naming no builtin or reserved word and assigning nothing.
+fn simple_command(line: &str) -> Option<Vec<String>> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_./-+,:@%".contains(c);
+    if !line
+        .chars()
+        .all(|c| plain(c) || c == '=' || c == ' ' || c == '\t')
+    {
+        return None;
+    }
+    let argv: Vec<String> = line
+        .split([' ', '\t'])
+        .filter(|w| !w.is_empty())
+        .map(String::from)
+        .collect();
+    let first = argv.first()?;
+    if first.contains('=') || SHELL_WORDS.contains(&first.as_str()) {
+        return None;
+    }
+    Some(argv)
 }
 
 /// `export NAME='value'` lines the wrapper's shell reads back; names that are not valid
@@ -118,22 +155,22 @@ impl Commands {
             path: dir.clone(),
             source,
         };
-        std::fs::create_dir_all(&dir).map_err(err)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        // The directory is made when there is state to keep: now when the session starts
+        // with some, else by the wrapper when a command first changes something.
         let mut env = start.env.clone();
         if let Some(cwd) = &start.cwd {
             env.push(("__RS_PWD".into(), cwd.to_string_lossy().into_owned()));
         }
-        let mut paths = vec![dir.clone()];
         if !env.is_empty() {
+            std::fs::create_dir(&dir).map_err(err)?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
             let file = dir.join("env");
             std::fs::write(&file, export_lines(&env)).map_err(err)?;
-            paths.push(file);
-        }
-        if identity.switch {
-            for path in &paths {
-                nix::unistd::chown(path, Some(identity.uid), Some(identity.gid))
-                    .map_err(|e| err(e.into()))?;
+            if identity.switch {
+                for path in [&dir, &file] {
+                    nix::unistd::chown(path, Some(identity.uid), Some(identity.gid))
+                        .map_err(|e| err(e.into()))?;
+                }
             }
         }
         Ok(Commands {
@@ -179,6 +216,23 @@ impl Commands {
             });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // A simple command (one program and plain words) in a session with no state yet runs
+        // directly, as `sh -c` would run it, without the shell. Should that fail (not found,
+        // not executable, a script without #!), the shell runs it and reports as usual.
+        if let Line::Shell(text) = &line
+            && let Some(argv) = simple_command(text)
+            && !self.dir.join("env").exists()
+        {
+            let (program, args) = argv.split_at(1);
+            let spec = Spec {
+                program: Program::Exec(PathBuf::from(&program[0]), args.to_vec()),
+                env: self.identity.base_env(),
+                cwd: None,
+            };
+            if let Ok(child) = process::spawn_piped(&self.identity, &spec) {
+                return self.started(id, text.clone(), child, journal).await;
+            }
+        }
         let mut env = self.identity.base_env();
         let mut cwd = None;
         let (program, command) = match line {
@@ -209,7 +263,19 @@ impl Commands {
             }
         };
         let spec = Spec { program, env, cwd };
-        let mut child = process::spawn_piped(&self.identity, &spec)?;
+        let child = process::spawn_piped(&self.identity, &spec)?;
+        self.started(id, command, child, journal).await
+    }
+
+    /// Book-keeping for a command just spawned: its input feeder, its `started` record and
+    /// the pump that journals its output and exit.
+    async fn started(
+        &self,
+        id: u64,
+        command: String,
+        mut child: tokio::process::Child,
+        journal: &Arc<Journal>,
+    ) -> Result<(u64, u64), SessionError> {
         if let Some(pid) = child.id() {
             self.sids
                 .lock()
@@ -333,4 +399,56 @@ async fn pump(
     let _ = journal
         .append(id, record::Kind::Exit(exit_of(status.flatten())))
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simple_commands_are_one_program_and_plain_words() {
+        let argv = |l| simple_command(l);
+        assert_eq!(argv("true"), Some(vec!["true".to_string()]));
+        assert_eq!(
+            argv("  systemctl status\tnginx.service --no-pager  "),
+            Some(vec![
+                "systemctl".into(),
+                "status".into(),
+                "nginx.service".into(),
+                "--no-pager".into()
+            ])
+        );
+        assert_eq!(
+            argv("ls -l /srv/app_1 key=value"),
+            Some(vec![
+                "ls".into(),
+                "-l".into(),
+                "/srv/app_1".into(),
+                "key=value".into()
+            ])
+        );
+        // Anything the shell would treat specially goes through the shell.
+        for line in [
+            "",
+            "   ",
+            "cd /tmp",
+            "export A=1",
+            "echo hi",
+            "FOO=1 env",
+            "ls *.txt",
+            "ls ~",
+            "echo $HOME",
+            "a; b",
+            "a && b",
+            "a | b",
+            "a > f",
+            "'quoted'",
+            "a\nb",
+            "if true",
+            "ls # comment",
+            "sleep 1 &",
+        ] {
+            assert_eq!(argv(line), None, "{line:?}");
+        }
+    }
 }

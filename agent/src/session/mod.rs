@@ -338,6 +338,8 @@ pub struct SessionHost {
     defaults: SessionDefaults,
     /// Where commands-shape sessions keep their carried-over state (one directory each).
     state_root: std::path::PathBuf,
+    /// UIDs whose directory in `state_root` exists.
+    user_roots: Mutex<std::collections::HashSet<u32>>,
 }
 
 impl SessionHost {
@@ -346,11 +348,39 @@ impl SessionHost {
             sessions: Mutex::new(HashMap::new()),
             defaults,
             state_root,
+            user_roots: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `state_root/u<UID>`: where sessions of one OS user keep their state, owned by that
+    /// user (so their commands can make their session's directory), made once.
+    fn user_state_root(&self, identity: &Identity) -> Result<std::path::PathBuf, SessionError> {
+        let dir = self.state_root.join(format!("u{}", identity.uid));
+        let mut made = self.user_roots.lock().unwrap_or_else(|p| p.into_inner());
+        if made.contains(&identity.uid.as_raw()) && dir.is_dir() {
+            return Ok(dir);
+        }
+        let err = |source| SessionError::StateDir {
+            path: dir.clone(),
+            source,
+        };
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(err(e)),
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        if identity.switch {
+            nix::unistd::chown(&dir, Some(identity.uid), Some(identity.gid))
+                .map_err(|e| err(e.into()))?;
+        }
+        made.insert(identity.uid.as_raw());
+        Ok(dir)
     }
 
     pub fn defaults(&self) -> &SessionDefaults {
@@ -384,7 +414,7 @@ impl SessionHost {
                 Kind::Terminal(terminal::Terminal::start(&who.identity, &req.terminal)?)
             }
             Shape::Commands | Shape::Unspecified => {
-                let dir = self.state_root.join(&id);
+                let dir = self.user_state_root(&who.identity)?.join(&id);
                 let max_running = req
                     .max_running
                     .unwrap_or(self.defaults.max_running_commands)

@@ -304,7 +304,7 @@ impl Shells {
             order: Mutex::new(Vec::new()),
         });
         self.map().insert(shell_id.clone(), shell);
-        tracing::info!(session = %session.id, shell = %shell_id, client = %ctx.client_ip, "winrm shell created");
+        tracing::debug!(session = %session.id, shell = %shell_id, client = %ctx.client_ip, "winrm shell created");
         let details = soap::ShellDetails {
             address: ctx.address.clone(),
             owner: who.name.clone(),
