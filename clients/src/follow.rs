@@ -180,7 +180,13 @@ pub async fn receive(ch: &mut SessionChannel, id: &str) -> Result<i32, SessionEr
         let frame = ch.check(frame)?;
         match frame.msg {
             Some(server_frame::Msg::Record(rec)) => {
-                emit(&rec, None).map_err(stdio_error)?;
+                if let Some((code, signal)) = emit(&rec, None).map_err(stdio_error)? {
+                    crate::notice(&format!(
+                        "command {} exited with code {}",
+                        rec.command_id,
+                        exit_code(code, &signal)
+                    ));
+                }
                 acker.ack(rec.seq);
             }
             Some(server_frame::Msg::Done(_)) => {

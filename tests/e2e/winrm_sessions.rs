@@ -85,3 +85,50 @@ fn winrm_shell_is_a_session_listed_for_its_owner_only() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Output of a command started over WinRM is received over SSH with `remote receive`
+/// (TARGET/ID of the session), and then not again over WinRM: exactly once, whichever
+/// transport asks.
+#[test]
+fn winrm_output_is_received_over_ssh_exactly_once() {
+    let agent = Agent::start_winrm(AgentOptions::default(), WinrmOptions::both());
+    let key = agent.key("alice_key");
+    agent.add_user("alice", Some("Alice-pw-1"), Some(&key));
+    let client = Client::new();
+    let alice = pywinrm(&https_url(&agent), "basic", "alice", "Alice-pw-1");
+    let r = py1(with(&alice, json!({"op": "open_shells", "count": 1})));
+    let shell = ok(&r)["shells"][0].as_str().unwrap().to_string();
+    let r = py1(with(
+        &alice,
+        json!({"op": "start_in_shell", "shell": shell, "command": "echo from-winrm; echo warn >&2; exit 4"}),
+    ));
+    let command = ok(&r)["command"].as_str().unwrap().to_string();
+    let rows = sessions(&agent, &client, &key, "alice");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let id = rows[0].split_whitespace().next().unwrap().to_string();
+    let target = format!("alice@127.0.0.1:{}/{id}", agent.port());
+    let mut got = (String::new(), String::new());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !got.1.contains("exit") && std::time::Instant::now() < deadline {
+        let mut cmd = client.remote();
+        cmd.arg("--identity")
+            .arg(&key.private)
+            .args(["receive", &target]);
+        let out = run_with_timeout(&mut cmd, None, T);
+        assert!(out.status.success(), "receive: {}", stderr(&out));
+        got.0.push_str(&stdout(&out));
+        got.1.push_str(&stderr(&out));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(got.0, "from-winrm\n", "stderr: {}", got.1);
+    assert!(got.1.contains("warn"), "{}", got.1);
+    assert!(got.1.contains('4'), "the exit code is reported: {}", got.1);
+    // Over WinRM the command is done, and its output is not delivered a second time.
+    let r = py1(with(
+        &alice,
+        json!({"op": "receive_command", "shell": shell, "command_id": command}),
+    ));
+    let r = ok(&r);
+    assert_eq!(r["stdout"], "", "{r:#}");
+    assert_eq!(r["stderr"], "", "{r:#}");
+}

@@ -244,6 +244,20 @@ def op_run_in_shell(c):
     return {"stdout": text(out), "stderr": text(errout), "status": rc}
 
 
+def op_start_in_shell(c):
+    """run_command in an existing shell, without receiving its output."""
+    p = protocol(c)
+    return {"command": p.run_command(c["shell"], c["command"], c.get("args", []))}
+
+
+def op_receive_command(c):
+    """get_command_output + cleanup_command for a command started earlier."""
+    p = protocol(c)
+    out, errout, rc = p.get_command_output(c["shell"], c["command_id"])
+    p.cleanup_command(c["shell"], c["command_id"])
+    return {"stdout": text(out), "stderr": text(errout), "status": rc}
+
+
 def op_receive_timeout(c):
     """A command slower than OperationTimeout: every Receive that times out must be the
     TimedOut fault (pywinrm turns only code 2150858793 into WinRMOperationTimeoutError),

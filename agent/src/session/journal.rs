@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use remote_proto::session::{Record, record};
+use remote_proto::session::{Exit, Record, record};
 use tokio::sync::watch;
 
 use super::payload::{Arena, Payload};
@@ -51,7 +51,15 @@ struct Inner {
     next_reader: u64,
     closed: bool,
     last_output: Option<std::time::SystemTime>,
+    /// How recent commands ended, by command id, whoever consumes their exit records: a
+    /// reader that follows one command learns of its end even when another client already
+    /// acknowledged the record. The oldest are forgotten beyond `MAX_EXITS`.
+    exits: HashMap<u64, Exit>,
+    exit_order: VecDeque<u64>,
 }
+
+/// Exits remembered per journal.
+const MAX_EXITS: usize = 4096;
 
 pub struct Journal {
     inner: Mutex<Inner>,
@@ -99,6 +107,8 @@ impl Journal {
                 next_reader: 0,
                 closed: false,
                 last_output: None,
+                exits: HashMap::new(),
+                exit_order: VecDeque::new(),
             }),
             capacity: capacity.max(RECORD_OVERHEAD * 4),
             mode,
@@ -157,6 +167,16 @@ impl Journal {
                     }
                     let payload = match &mut kind {
                         record::Kind::Output(o) => Some(g.arena.store(std::mem::take(&mut o.data))),
+                        record::Kind::Exit(e) => {
+                            g.exits.insert(command_id, e.clone());
+                            g.exit_order.push_back(command_id);
+                            if g.exit_order.len() > MAX_EXITS
+                                && let Some(old) = g.exit_order.pop_front()
+                            {
+                                g.exits.remove(&old);
+                            }
+                            None
+                        }
                         _ => None,
                     };
                     g.records.push_back(Stored {
@@ -246,6 +266,12 @@ impl Journal {
             next,
             dropped_before,
         }
+    }
+
+    /// How command `command` ended, once its exit record is in the journal (remembered for
+    /// the last few thousand commands, even after the record was consumed and trimmed).
+    pub fn exit_of(&self, command: u64) -> Option<Exit> {
+        self.lock().exits.get(&command).cloned()
     }
 
     /// The first seq a client resuming after its last acknowledgement should read.

@@ -538,9 +538,18 @@ fn collect(
         }
     }
     let journal = session.journal();
+    // What another client acknowledged (e.g. `remote receive` over SSH) was delivered.
+    st.cursor = st.cursor.max(journal.resume_seq());
     while total < max && st.exit.is_none() {
         let batch = journal.read(st.cursor, max - total);
         if batch.next <= st.cursor {
+            // Everything in the journal is read. An exit whose record someone else
+            // consumed still ends the command here, all its output having come before it.
+            if st.pending.is_none()
+                && let Some(e) = journal.exit_of(cmd.num)
+            {
+                st.exit = Some(exit_code(&e));
+            }
             break;
         }
         let mut stop_at = batch.next;
