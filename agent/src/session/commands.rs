@@ -229,7 +229,7 @@ impl Commands {
                 env: self.identity.base_env(),
                 cwd: None,
             };
-            if let Ok(child) = process::spawn_piped(&self.identity, &spec) {
+            if let Ok(child) = process::spawn_vfork(&self.identity, &spec) {
                 return self.started(id, text.clone(), child, journal).await;
             }
         }
@@ -263,7 +263,7 @@ impl Commands {
             }
         };
         let spec = Spec { program, env, cwd };
-        let child = process::spawn_piped(&self.identity, &spec)?;
+        let child = process::spawn_vfork(&self.identity, &spec)?;
         self.started(id, command, child, journal).await
     }
 
@@ -273,29 +273,26 @@ impl Commands {
         &self,
         id: u64,
         command: String,
-        mut child: tokio::process::Child,
+        mut child: process::Child,
         journal: &Arc<Journal>,
     ) -> Result<(u64, u64), SessionError> {
-        if let Some(pid) = child.id() {
-            self.sids
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(pid);
-        }
+        let pid = child.id();
+        self.sids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(pid);
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(process::feed_stdin(rx, child.stdin.take()));
         self.map().insert(
             id,
             RunningCommand {
                 input: tx,
-                pid: child.id(),
+                pid: Some(pid),
             },
         );
         let started = record::Kind::Started(CommandStarted { command });
         let Ok(seq) = journal.append(id, started).await else {
-            if let Some(pid) = child.id() {
-                process::signal_group(pid, Signal::SIGHUP);
-            }
+            process::signal_group(pid, Signal::SIGHUP);
             self.map().remove(&id);
             return Err(SessionError::Closed(String::new()));
         };
@@ -369,7 +366,7 @@ fn output(stream: Stream, data: bytes::Bytes) -> record::Kind {
 async fn pump(
     journal: Arc<Journal>,
     id: u64,
-    mut child: tokio::process::Child,
+    mut child: process::Child,
     running: Arc<Mutex<HashMap<u64, RunningCommand>>>,
 ) {
     let mut stdout = child.stdout.take();

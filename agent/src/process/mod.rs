@@ -1,6 +1,11 @@
 //! Starting user processes: which OS identity they run as, their environment and working
 //! directory, and the two ways of wiring them up (pipes, or a pseudo-terminal). Every
 //! transport starts processes through here, so privilege dropping lives in one place.
+//! The fork-free spawner for commands on pipes is in [`spawn`].
+
+mod spawn;
+
+pub use spawn::{Child, spawn_vfork};
 
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
@@ -412,9 +417,9 @@ pub enum Input {
 
 /// Copy queued input to a child's stdin. After a write error (the child closed its stdin)
 /// keep draining the queue, so a sender never waits on a reader that is gone.
-pub async fn feed_stdin(
+pub async fn feed_stdin<W: tokio::io::AsyncWrite + Unpin>(
     mut rx: tokio::sync::mpsc::Receiver<Input>,
-    mut stdin: Option<tokio::process::ChildStdin>,
+    mut stdin: Option<W>,
 ) {
     use tokio::io::AsyncWriteExt;
     while let Some(msg) = rx.recv().await {
