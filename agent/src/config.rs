@@ -77,6 +77,8 @@ pub struct WinrmFileConfig {
     pub channel_binding: Option<String>,
     /// Program that runs for a Command of `powershell`/`powershell.exe` (default `pwsh`).
     pub powershell: Option<String>,
+    /// Output kept per shell until its commands are received, MiB (default 16).
+    pub journal_mb: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,6 +146,7 @@ pub struct WinrmSettings {
     pub max_connections: usize,
     pub channel_binding: ChannelBindingPolicy,
     pub powershell: String,
+    pub journal_bytes: usize,
 }
 
 /// How HTTPS logins with NTLM check channel binding tokens (spec §5.5).
@@ -332,6 +335,7 @@ fn resolve_winrm(
         max_connections: f.max_connections.unwrap_or(1024).max(1),
         channel_binding,
         powershell: f.powershell.unwrap_or_else(|| "pwsh".into()),
+        journal_bytes: (f.journal_mb.unwrap_or(16).clamp(1, 2048) as usize) << 20,
     }))
 }
 

@@ -400,6 +400,8 @@ async fn start_winrm(
             idle_timeout: settings.idle_timeout,
             powershell: settings.powershell.clone(),
             machine: config.name.clone(),
+            max_envelope_bytes: settings.max_envelope_bytes,
+            journal_bytes: settings.journal_bytes,
         },
     );
     let (server, bound) = WinrmServer::bind(

@@ -308,3 +308,42 @@ fn an_account_without_an_nt_hash_logs_in_with_basic_only() {
         r[2]
     );
 }
+
+/// A failed login attempt on a connection where alice is logged in with NTLM ends her login
+/// there: the next request without credentials is not served as alice (found in review:
+/// only a new NEGOTIATE used to reset it).
+#[test]
+fn a_failed_new_login_ends_the_connections_ntlm_login() {
+    use base64::Engine;
+    let agent = agent(false);
+    let https = agent.winrm_https.unwrap().port();
+    let wrong_basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:wrong")
+    );
+    let attempts = [
+        "Negotiate TlRMTVNTUAADAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_string(),
+        "NTLM !!!not-base64".to_string(),
+        "Kerberos abc".to_string(),
+        wrong_basic,
+    ];
+    let ops: Vec<Value> = attempts
+        .iter()
+        .map(|a| {
+            let mut op = forged(https, true, "alice", ALICE_PW, "mic");
+            op["reauth"] = json!([a]);
+            op
+        })
+        .collect();
+    let r = py(&ops);
+    for (r, attempt) in r.iter().zip(&attempts) {
+        assert_eq!(status(r, "authenticate"), Some(200), "{attempt}: {r:#}");
+        assert_eq!(status(r, "followup"), Some(200), "{attempt}: {r:#}");
+        assert_eq!(status(r, "reauth0"), Some(401), "{attempt}: {r:#}");
+        assert_eq!(
+            status(r, "after_reauth0"),
+            Some(401),
+            "served under the earlier login after {attempt}: {r:#}"
+        );
+    }
+}

@@ -161,6 +161,15 @@ fn malformed_requests_get_faults_and_the_agent_keeps_serving() {
             Expect::Status(200),
         ),
         (
+            "Create with an OperationTimeout of 1.8e19 seconds (no overflow, no crash)",
+            false,
+            json!({"body": {"kind": "envelope",
+                             "action": "http://schemas.xmlsoap.org/ws/2004/09/transfer/Create",
+                             "timeout": "PT18000000000000000000S",
+                             "body": "<rsp:Shell><rsp:InputStreams>stdin</rsp:InputStreams><rsp:OutputStreams>stdout stderr</rsp:OutputStreams></rsp:Shell>"}}),
+            Expect::Status(200),
+        ),
+        (
             "Receive for an unknown ShellId",
             false,
             json!({"body": {"kind": "envelope", "action": format!("{SHELL}/Receive"),

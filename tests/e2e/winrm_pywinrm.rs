@@ -165,6 +165,21 @@ fn pywinrm_one_mib_of_output_arrives_whole() {
     }
 }
 
+/// Finely interleaved stdout and stderr (one element per chunk) still fits each response
+/// into the client's MaxEnvelopeSize (spec §3.4), and arrives whole.
+#[test]
+fn interleaved_output_stays_within_max_envelope_size() {
+    let agent = agent();
+    let conn = pywinrm(&https_url(&agent), "basic", "alice", PW);
+    let r = py1(with(&conn, json!({"op": "interleaved_output", "n": 20000})));
+    let r = ok(&r);
+    assert_eq!(r["stdout_ok"], true, "{r:#}");
+    assert_eq!(r["stderr_ok"], true, "{r:#}");
+    assert_eq!(r["status"], 0, "{r:#}");
+    let max = r["max_response_bytes"].as_u64().unwrap();
+    assert!(max <= 153_600, "a response of {max} bytes: {r:#}");
+}
+
 #[test]
 fn ansible_pattern_streams_a_megabyte_of_stdin_byte_exact() {
     let agent = agent();

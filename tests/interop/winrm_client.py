@@ -158,6 +158,34 @@ def op_big_output(c):
     }
 
 
+def op_interleaved_output(c):
+    """A command interleaving `n` one-byte writes to stdout and to stderr (many tiny
+    records); the output is collected Receive by Receive, recording each response's size."""
+    n = c.get("n", 20000)
+    p = protocol(c)
+    shell = p.open_shell()
+    rec = Recording(p)
+    cmd = p.run_command(shell, 'i=0; while [ $i -lt %d ]; do printf a; printf b >&2; i=$((i+1)); done' % n)
+    rec.sizes.clear()
+    out, errs, done, rc = [], [], False, None
+    while not done:
+        try:
+            o, e, rc, done = p.get_command_output_raw(shell, cmd)
+            out.append(o)
+            errs.append(e)
+        except WinRMOperationTimeoutError:
+            pass
+    p.cleanup_command(shell, cmd)
+    p.close_shell(shell)
+    out, errs = b"".join(out), b"".join(errs)
+    return {
+        "stdout_ok": out == b"a" * n,
+        "stderr_ok": errs == b"b" * n,
+        "status": rc,
+        "max_response_bytes": max(rec.sizes) if rec.sizes else 0,
+    }
+
+
 def ansible_send(p, shell, cmd, data, eof):
     """ansible-core's _winrm_send_input: the End attribute only on the last chunk."""
     rq = {
@@ -617,10 +645,12 @@ def op_ntlm_forged(c):
     soap = make_body({"kind": "create"})
     final_body = soap if c.get("final_body", "soap") == "soap" else b""
 
-    def post(auth, body):
+    def post(auth, body, raw_auth=None):
         headers = {"Content-Type": SOAP_CT, "Connection": "Keep-Alive"}
         if auth:
             headers["Authorization"] = "Negotiate " + base64.b64encode(auth).decode()
+        if raw_auth:
+            headers["Authorization"] = raw_auth
         try:
             conn.request("POST", "/wsman", body=body, headers=headers)
             resp = conn.getresponse()
@@ -678,6 +708,11 @@ def op_ntlm_forged(c):
         auth.mic = hmac_md5(session_key, negotiate + challenge_bytes + auth.pack())
     legs["authenticate"], _ = post(auth.pack(), final_body)
     legs["followup"], _ = post(None, soap)
+    # Optionally: a failed new login on the same connection (any Authorization header),
+    # then a request without one, which must not be served under the earlier login.
+    for i, raw in enumerate(c.get("reauth", [])):
+        legs["reauth%d" % i], _ = post(None, soap, raw_auth=raw)
+        legs["after_reauth%d" % i], _ = post(None, soap)
     conn.close()
     return {"legs": legs}
 

@@ -393,6 +393,19 @@ pub fn signal_sessions(sids: &[u32], signal: nix::sys::signal::Signal) -> usize 
     hit
 }
 
+/// When process `pid` started (clock ticks since boot, /proc/PID/stat field 22): with the
+/// pid, it names one process for good, as pids are reused.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid …": comm may hold anything, so count fields after the last ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
 /// Whether any of the process groups `pgids` still has a process: a cheap test before
 /// [`signal_sessions`] for leaders whose children stay in their group (no job control).
 pub fn any_group_alive(pgids: &[u32]) -> bool {

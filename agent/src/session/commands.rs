@@ -28,8 +28,8 @@ use crate::process::{self, Identity, Input, Program, Spec};
 /// exactly), the working directory in it as `__RS_PWD`. The directory is made, and the file
 /// rewritten (write, then rename), only when a command changed something: an ordinary
 /// command costs the shell and two forks of it, and no other program.
-const WRAPPER: &str = r#"__rs_dir=$1; __rs_cmd=$2; shift 2
-[ -f "$__rs_dir/env" ] && . "$__rs_dir/env"
+const WRAPPER: &str = r#"[ -f "$1/env" ] && . "$1/env"
+__rs_dir=$1; __rs_cmd=$2; shift 2
 if [ -n "${__RS_PWD+x}" ]; then cd -- "$__RS_PWD" 2>/dev/null || true; fi
 __RS_PWD=$PWD; export __RS_PWD
 __rs_old=$(export -p)
@@ -128,6 +128,34 @@ fn export_lines(env: &[(String, String)]) -> String {
     out
 }
 
+/// A session a command started (its leader's pid) and when that leader started. Once the
+/// session is empty its number can be reused by an unrelated process: such entries are
+/// pruned as soon as their process group is seen gone, and a leader with another start time
+/// means the number was reused.
+#[derive(Debug, Clone, Copy)]
+struct Sid {
+    pid: u32,
+    start: Option<u64>,
+}
+
+impl Sid {
+    /// Still ours: the group may have members, and pid is not a newer process's.
+    fn ours(&self) -> bool {
+        process::any_group_alive(&[self.pid])
+            && match (self.start, process::start_time(self.pid)) {
+                (Some(then), Some(now)) => then == now,
+                _ => true,
+            }
+    }
+}
+
+/// Drop the sessions that are over (see [`Sid`]).
+fn prune(sids: &Mutex<Vec<Sid>>) -> Vec<u32> {
+    let mut g = sids.lock().unwrap_or_else(|p| p.into_inner());
+    g.retain(Sid::ours);
+    g.iter().map(|s| s.pid).collect()
+}
+
 struct RunningCommand {
     input: mpsc::Sender<Input>,
     pid: Option<u32>,
@@ -139,7 +167,7 @@ pub struct Commands {
     next_id: AtomicU64,
     running: Arc<Mutex<HashMap<u64, RunningCommand>>>,
     /// Session ids (= pids) of every command started, for finding what they left behind.
-    sids: Arc<Mutex<Vec<u32>>>,
+    sids: Arc<Mutex<Vec<Sid>>>,
     max_running: usize,
     start: StartState,
 }
@@ -277,10 +305,14 @@ impl Commands {
         journal: &Arc<Journal>,
     ) -> Result<(u64, u64), SessionError> {
         let pid = child.id();
+        prune(&self.sids);
         self.sids
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(pid);
+            .push(Sid {
+                pid,
+                start: process::start_time(pid),
+            });
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(process::feed_stdin(rx, child.stdin.take()));
         self.map().insert(
@@ -296,7 +328,13 @@ impl Commands {
             self.map().remove(&id);
             return Err(SessionError::Closed(String::new()));
         };
-        tokio::spawn(pump(journal.clone(), id, child, self.running.clone()));
+        tokio::spawn(pump(
+            journal.clone(),
+            id,
+            child,
+            self.running.clone(),
+            self.sids.clone(),
+        ));
         Ok((id, seq))
     }
 
@@ -330,11 +368,10 @@ impl Commands {
     /// Hang up on everything the session's commands started (background jobs too), and
     /// kill what remains a few seconds later.
     pub fn kill_all(&self) {
-        let sids = self.sids.lock().unwrap_or_else(|p| p.into_inner()).clone();
         // Commands run under sh without job control: what they leave behind stays in their
         // process group, so when no group is left, nothing is (and /proc need not be read).
-        if !process::any_group_alive(&sids) || process::signal_sessions(&sids, Signal::SIGHUP) == 0
-        {
+        let sids = prune(&self.sids);
+        if sids.is_empty() || process::signal_sessions(&sids, Signal::SIGHUP) == 0 {
             return;
         }
         tokio::spawn(async move {
@@ -368,6 +405,7 @@ async fn pump(
     id: u64,
     mut child: process::Child,
     running: Arc<Mutex<HashMap<u64, RunningCommand>>>,
+    sids: Arc<Mutex<Vec<Sid>>>,
 ) {
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
@@ -393,6 +431,12 @@ async fn pump(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&id);
+    let pid = child.id();
+    if !process::any_group_alive(&[pid]) {
+        sids.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|s| s.pid != pid);
+    }
     let _ = journal
         .append(id, record::Kind::Exit(exit_of(status.flatten())))
         .await;

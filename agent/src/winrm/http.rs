@@ -278,6 +278,33 @@ async fn serve<I>(
 
 type Reply = Response<Full<Bytes>>;
 
+/// Read and drop a request body that will not be used (so the connection stays usable for
+/// the next leg of a login), within the size and time limits; `reply` is sent after it, or
+/// with `Connection: close` when the body is over the limits.
+async fn discard(body: Incoming, limit: usize, reply: Reply, peer: SocketAddr) -> Reply {
+    let drain = async {
+        let mut body = body;
+        let mut seen = 0usize;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return false };
+            if let Some(data) = frame.data_ref() {
+                seen += data.len();
+                if seen > limit {
+                    return false;
+                }
+            }
+        }
+        true
+    };
+    match tokio::time::timeout(BODY_TIMEOUT, drain).await {
+        Ok(true) => reply,
+        _ => {
+            tracing::debug!(peer = %peer, "winrm: unauthenticated request body over the limits; closing");
+            close(reply)
+        }
+    }
+}
+
 fn empty(status: StatusCode) -> Reply {
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = status;
@@ -332,11 +359,52 @@ async fn handle(req: Request<Incoming>, conn: &mut Conn, shared: &Shared) -> Rep
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let body = match tokio::time::timeout(
-        BODY_TIMEOUT,
-        Limited::new(req.into_body(), hard_limit).collect(),
-    )
-    .await
+    let body = req.into_body();
+
+    // Authentication first, from the headers: Basic on each request, or the connection's
+    // NTLM login. A request that carries credentials starts from nothing, so a failed
+    // attempt never leaves an earlier login in place. Until someone is logged in, bodies
+    // are read and thrown away, never kept.
+    let mut final_token: Option<String> = None;
+    let mut ntlm_leg = false;
+    let scheme = authorization.as_deref().map(split_scheme);
+    if let Some((name, _)) = scheme {
+        conn.ntlm_user = None;
+        conn.principal = None;
+        if !name.eq_ignore_ascii_case("negotiate") && !name.eq_ignore_ascii_case("ntlm") {
+            conn.ntlm = None;
+        }
+    }
+    let login = match scheme {
+        Some((name, value)) if name.eq_ignore_ascii_case("basic") => {
+            basic(conn, shared, value, https).await
+        }
+        Some((name, value))
+            if name.eq_ignore_ascii_case("negotiate") || name.eq_ignore_ascii_case("ntlm") =>
+        {
+            ntlm_leg = true;
+            negotiate(conn, shared, name, value)
+                .await
+                .map(|(user, token)| {
+                    final_token = token.map(|t| format!("{} {}", conn.ntlm_scheme, B64.encode(t)));
+                    user
+                })
+        }
+        Some((name, _)) => {
+            tracing::warn!(peer = %conn.peer, scheme = ?name, "winrm login refused: authentication scheme not supported (use Basic or Negotiate/NTLM)");
+            Err(challenge(shared, https))
+        }
+        None => conn
+            .ntlm_user
+            .clone()
+            .ok_or_else(|| challenge(shared, https)),
+    };
+    let user = match login {
+        Ok(user) => user,
+        Err(reply) => return discard(body, hard_limit, reply, conn.peer).await,
+    };
+    let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, hard_limit).collect())
+        .await
     {
         Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(_)) => {
@@ -348,42 +416,12 @@ async fn handle(req: Request<Incoming>, conn: &mut Conn, shared: &Shared) -> Rep
             return close(empty(StatusCode::REQUEST_TIMEOUT));
         }
     };
-
-    // Authentication: Basic on each request, or the connection's NTLM login.
-    let mut final_token: Option<String> = None;
-    let user = match authorization.as_deref().map(split_scheme) {
-        Some((scheme, value)) if scheme.eq_ignore_ascii_case("basic") => {
-            match basic(conn, shared, value, https).await {
-                Ok(user) => user,
-                Err(reply) => return reply,
-            }
-        }
-        Some((scheme, value))
-            if scheme.eq_ignore_ascii_case("negotiate") || scheme.eq_ignore_ascii_case("ntlm") =>
-        {
-            match negotiate(conn, shared, scheme, value).await {
-                Ok((user, token)) => {
-                    final_token = token.map(|t| format!("{} {}", conn.ntlm_scheme, B64.encode(t)));
-                    if body.is_empty() {
-                        // pywinrm and pypsrp set up the context with an empty request.
-                        let mut r = empty(StatusCode::OK);
-                        add_final_token(&mut r, final_token.as_deref());
-                        return r;
-                    }
-                    user
-                }
-                Err(reply) => return reply,
-            }
-        }
-        Some((scheme, _)) => {
-            tracing::warn!(peer = %conn.peer, scheme = %scheme, "winrm login refused: authentication scheme not supported (use Basic or Negotiate/NTLM)");
-            return challenge(shared, https);
-        }
-        None => match &conn.ntlm_user {
-            Some(u) => u.clone(),
-            None => return challenge(shared, https),
-        },
-    };
+    if ntlm_leg && body.is_empty() {
+        // pywinrm and pypsrp set up the context with an empty request.
+        let mut r = empty(StatusCode::OK);
+        add_final_token(&mut r, final_token.as_deref());
+        return r;
+    }
 
     // The body: sealed with the NTLM context, or plaintext (HTTPS, or allowed).
     let (plain, sealing) = match wsman::encrypted_protocol(&content_type) {
@@ -415,7 +453,7 @@ async fn handle(req: Request<Incoming>, conn: &mut Conn, shared: &Shared) -> Rep
         }
         None if is_soap(&content_type) => {
             if !https && !shared.settings.allow_unencrypted {
-                tracing::warn!(peer = %conn.peer, user = %user, "winrm request refused: plaintext SOAP over HTTP; use HTTPS (port 5986), NTLM with message encryption, or set allow_unencrypted (--allow-unencrypted)");
+                tracing::warn!(peer = %conn.peer, user = ?user, "winrm request refused: plaintext SOAP over HTTP; use HTTPS (port 5986), NTLM with message encryption, or set allow_unencrypted (--allow-unencrypted)");
                 return challenge(shared, https);
             }
             (body, Sealing::Plain)
@@ -586,7 +624,7 @@ fn challenge(shared: &Shared, https: bool) -> Reply {
 async fn refuse(conn: &mut Conn, shared: &Shared, user: &str, why: &str) -> Reply {
     conn.failures += 1;
     let delay = shared.throttle.failure(conn.peer.ip(), conn.failures);
-    tracing::warn!(peer = %conn.peer, user = %user, attempt = conn.failures, "winrm authentication failed: {why}");
+    tracing::warn!(peer = %conn.peer, user = ?user, attempt = conn.failures, "winrm authentication failed: {why}");
     tokio::time::sleep(delay).await;
     challenge(shared, conn.tls_binding.is_some())
 }
@@ -604,11 +642,12 @@ async fn basic(
     let Some((user, password)) = decoded.as_deref().and_then(|s| s.split_once(':')) else {
         return Err(refuse(conn, shared, "?", "malformed Basic credentials").await);
     };
+    // Logged with escapes (Debug): a name from the peer may hold anything.
     let user = user.to_ascii_lowercase();
     if !https && !shared.settings.allow_unencrypted {
         // Refuse before checking: the password crossed the network in the clear already,
         // but at least nothing runs on it.
-        tracing::warn!(peer = %conn.peer, user = %user, "winrm Basic login over plain HTTP refused: use HTTPS (port 5986) or NTLM, or set allow_unencrypted (--allow-unencrypted) if this network is trusted");
+        tracing::warn!(peer = %conn.peer, user = ?user, "winrm Basic login over plain HTTP refused: use HTTPS (port 5986) or NTLM, or set allow_unencrypted (--allow-unencrypted) if this network is trusted");
         return Err(challenge(shared, https));
     }
     let account = shared.accounts.get(&user);

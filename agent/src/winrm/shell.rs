@@ -31,6 +31,10 @@ pub struct ShellSettings {
     pub powershell: String,
     /// Name reported as `Machine` in faults.
     pub machine: String,
+    /// The largest response envelope a client may ask for (its MaxEnvelopeSize).
+    pub max_envelope_bytes: usize,
+    /// Output a shell keeps for its commands until they are received.
+    pub journal_bytes: usize,
 }
 
 /// Where a request came from, for the Create response.
@@ -48,6 +52,12 @@ const COALESCE: Duration = Duration::from_millis(50);
 const MAX_FINISHED_COMMANDS: usize = 256;
 /// The default OperationTimeout when a request has none.
 const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest a request may wait, whatever OperationTimeout the client asks for.
+const MAX_OPERATION_TIMEOUT: Duration = Duration::from_secs(600);
+/// Input for a command is queued in pieces of at most this size (the queue holds 64).
+const INPUT_PIECE: usize = 16 * 1024;
+/// Shells whose session was closed elsewhere are forgotten this often.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// Answer a long-poll this much before the client's OperationTimeout.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(500);
 
@@ -55,6 +65,7 @@ pub struct Shells {
     host: Arc<SessionHost>,
     settings: ShellSettings,
     shells: Mutex<HashMap<String, Arc<Shell>>>,
+    last_sweep: Mutex<Instant>,
 }
 
 struct Shell {
@@ -99,7 +110,21 @@ impl Shells {
             host,
             settings,
             shells: Mutex::new(HashMap::new()),
+            last_sweep: Mutex::new(Instant::now()),
         }
+    }
+
+    /// Forget shells whose session was closed (idle, `remote session rm`), so their journals
+    /// are freed; at most every [`SWEEP_EVERY`].
+    fn sweep(&self) {
+        {
+            let mut last = self.last_sweep.lock().unwrap_or_else(|p| p.into_inner());
+            if last.elapsed() < SWEEP_EVERY {
+                return;
+            }
+            *last = Instant::now();
+        }
+        self.map().retain(|_, s| !s.session.is_closed());
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Shell>>> {
@@ -121,9 +146,11 @@ impl Shells {
         let timeout = req
             .header
             .operation_timeout
-            .unwrap_or(DEFAULT_OPERATION_TIMEOUT);
+            .unwrap_or(DEFAULT_OPERATION_TIMEOUT)
+            .min(MAX_OPERATION_TIMEOUT);
         let deadline =
             Instant::now() + timeout.saturating_sub(DEADLINE_MARGIN).max(DEADLINE_MARGIN);
+        self.sweep();
         match &req.body {
             Body::Create(create) => self.create(who, req, create, ctx).await,
             Body::Command {
@@ -160,9 +187,13 @@ impl Shells {
                     ));
                 };
                 let cmd = shell.command(id).ok_or_else(|| unknown_command(id))?;
-                let max =
-                    soap::max_receive_payload(req.header.max_envelope_size.unwrap_or(153_600));
-                receive(&shell, &cmd, id, max.max(1024), deadline, rel).await
+                let envelope = req
+                    .header
+                    .max_envelope_size
+                    .unwrap_or(153_600)
+                    .clamp(8192, self.settings.max_envelope_bytes as u64);
+                let max = soap::max_receive_payload(envelope);
+                receive(&shell, &cmd, id, max, deadline, rel).await
             }
             Body::Signal { command_id, code } => {
                 let shell = self.shell(who, req)?;
@@ -254,10 +285,14 @@ impl Shells {
             .idle_timeout
             .map(|d| d.clamp(Duration::from_secs(1), self.settings.idle_timeout))
             .unwrap_or(self.settings.idle_timeout);
-        let mut start = StartState {
-            cwd,
-            env: create.environment.clone(),
-        };
+        // The wrapper's own variables are not the client's to set.
+        let env = create
+            .environment
+            .iter()
+            .filter(|(k, _)| !k.starts_with("__rs_") && !k.starts_with("__RS_"))
+            .cloned()
+            .collect();
+        let mut start = StartState { cwd, env };
         if req
             .header
             .option("WINRS_CODEPAGE")
@@ -279,7 +314,7 @@ impl Shells {
                     name: format!("winrm-{shell_id}"),
                     endpoint: String::new(),
                     buffering: None,
-                    journal_bytes: None,
+                    journal_bytes: Some(self.settings.journal_bytes),
                     idle_timeout: Some(idle),
                     terminal: PtySettings {
                         term: "dumb".into(),
@@ -296,14 +331,25 @@ impl Shells {
                 SessionError::Quota { .. } => Fault::quota_shells(),
                 other => internal(&other),
             })?;
-        let shell = Arc::new(Shell {
-            id: shell_id.clone(),
-            owner: who.name.clone(),
-            session: session.clone(),
-            commands: Mutex::new(HashMap::new()),
-            order: Mutex::new(Vec::new()),
-        });
-        self.map().insert(shell_id.clone(), shell);
+        // Another Create may have taken a client-chosen id meanwhile: never replace it.
+        let shell_id = {
+            let mut map = self.map();
+            let mut id = shell_id;
+            while map.contains_key(&id) {
+                id = soap::new_uuid();
+            }
+            map.insert(
+                id.clone(),
+                Arc::new(Shell {
+                    id: id.clone(),
+                    owner: who.name.clone(),
+                    session: session.clone(),
+                    commands: Mutex::new(HashMap::new()),
+                    order: Mutex::new(Vec::new()),
+                }),
+            );
+            id
+        };
         tracing::debug!(session = %session.id, shell = %shell_id, client = %ctx.client_ip, "winrm shell created");
         let details = soap::ShellDetails {
             address: ctx.address.clone(),
@@ -376,14 +422,20 @@ impl Shells {
         if order.len() > MAX_FINISHED_COMMANDS {
             let mut commands = shell.commands();
             let mut excess = order.len() - MAX_FINISHED_COMMANDS;
+            // The oldest that are over: received to the end, or exited and never received
+            // (their output is then let go). Running ones stay (there are few: a quota).
+            let journal = shell.session.journal();
             order.retain(|c| {
                 let forget = excess > 0
-                    && commands
-                        .get(c)
-                        .is_none_or(|cmd| cmd.finished.load(std::sync::atomic::Ordering::Relaxed));
+                    && commands.get(c).is_none_or(|cmd| {
+                        cmd.finished.load(std::sync::atomic::Ordering::Relaxed)
+                            || journal.exit_of(cmd.num).is_some()
+                    });
                 if forget {
                     excess -= 1;
-                    commands.remove(c);
+                    if let Some(cmd) = commands.remove(c) {
+                        journal.ack_command(cmd.num, u64::MAX);
+                    }
                 }
                 !forget
             });
@@ -445,8 +497,13 @@ impl Shells {
         let _ = session.signal(cmd.num, signal);
         if matches!(code, SignalCode::Terminate) {
             let session = session.clone();
+            let eof = session.clone();
+            let num = cmd.num;
+            // End of input may wait behind a full queue: not in the way of the kill timer.
             tokio::spawn(async move {
-                let _ = session.command_input(cmd.num, None).await;
+                let _ = tokio::time::timeout(KILL_GRACE * 2, eof.command_input(num, None)).await;
+            });
+            tokio::spawn(async move {
                 let forget = drain(&session, &cmd);
                 if tokio::time::timeout(KILL_GRACE, forget).await.is_err() {
                     let _ = session.signal(cmd.num, Signal::SIGKILL);
@@ -486,9 +543,10 @@ async fn send(
 ) -> Result<(), Fault> {
     let work = async {
         // Input for a command that already exited is accepted and discarded (spec §3.3).
-        if !data.is_empty() {
+        // In small pieces: the queue to the process holds a bounded number of them.
+        for piece in data.chunks(INPUT_PIECE) {
             let _ = session
-                .command_input(cmd.num, Some(Bytes::copy_from_slice(data)))
+                .command_input(cmd.num, Some(Bytes::copy_from_slice(piece)))
                 .await;
         }
         if end {
@@ -515,6 +573,39 @@ fn exit_code(exit: &remote_proto::session::Exit) -> i64 {
 /// Take the command's output from the journal, up to `max` bytes: (stream, bytes) chunks
 /// with neighbours of the same stream merged. Sets `st.exit` when its exit record is read.
 /// Everything taken counts as consumed.
+/// What one `rsp:Stream` element costs beyond its payload, counted in payload bytes: the
+/// element with its Name and CommandId, after base64's 4/3 (spec §3.4: responses stay
+/// within the client's MaxEnvelopeSize however finely stdout and stderr interleave).
+const ELEMENT_COST: usize = 128;
+
+/// Budget used by the output gathered so far.
+fn used(out: &[(Stream, Vec<u8>)]) -> usize {
+    out.iter().map(|(_, d)| d.len() + ELEMENT_COST).sum()
+}
+
+/// Add as much of `data` as the budget `max` allows (a new element costs [`ELEMENT_COST`]);
+/// returns how many bytes were taken.
+fn take(
+    out: &mut Vec<(Stream, Vec<u8>)>,
+    total: &mut usize,
+    max: usize,
+    stream: Stream,
+    data: &[u8],
+) -> usize {
+    let same = out.last().is_some_and(|(s, _)| *s == stream);
+    let cost = if same { 0 } else { ELEMENT_COST };
+    let n = data.len().min(max.saturating_sub(*total + cost));
+    if n == 0 {
+        return 0;
+    }
+    match out.last_mut() {
+        Some((_, d)) if same => d.extend_from_slice(&data[..n]),
+        _ => out.push((stream, data[..n].to_vec())),
+    }
+    *total += n + cost;
+    n
+}
+
 fn collect(
     session: &Session,
     cmd: &Cmd,
@@ -522,16 +613,9 @@ fn collect(
     max: usize,
     out: &mut Vec<(Stream, Vec<u8>)>,
 ) {
-    let mut total: usize = out.iter().map(|(_, d)| d.len()).sum();
-    let push = |out: &mut Vec<(Stream, Vec<u8>)>, stream: Stream, data: &[u8]| match out.last_mut()
-    {
-        Some((s, d)) if *s == stream => d.extend_from_slice(data),
-        _ => out.push((stream, data.to_vec())),
-    };
+    let mut total = used(out);
     if let Some((stream, data)) = st.pending.take() {
-        let n = data.len().min(max.saturating_sub(total));
-        push(out, stream, &data[..n]);
-        total += n;
+        let n = take(out, &mut total, max, stream, &data);
         if n < data.len() {
             st.pending = Some((stream, data.slice(n..)));
             return;
@@ -560,10 +644,7 @@ fn collect(
             match rec.kind {
                 Some(record::Kind::Output(o)) => {
                     let stream = Stream::try_from(o.stream).unwrap_or(Stream::Stdout);
-                    let room = max.saturating_sub(total);
-                    let n = o.data.len().min(room);
-                    push(out, stream, &o.data[..n]);
-                    total += n;
+                    let n = take(out, &mut total, max, stream, &o.data);
                     if n < o.data.len() {
                         st.pending = Some((stream, Bytes::from(o.data).slice(n..)));
                         stop_at = rec.seq + 1;
@@ -602,8 +683,7 @@ async fn receive(
     let mut coalesce_until: Option<Instant> = None;
     loop {
         collect(session, cmd, &mut st, max, &mut out);
-        let total: usize = out.iter().map(|(_, d)| d.len()).sum();
-        if st.exit.is_some() || st.pending.is_some() || total >= max {
+        if st.exit.is_some() || st.pending.is_some() || used(&out) + ELEMENT_COST >= max {
             break;
         }
         if !out.is_empty() {
