@@ -369,8 +369,8 @@ async fn handle(req: Request<Incoming>, conn: &mut Conn, shared: &Shared) -> Rep
     let mut ntlm_leg = false;
     let scheme = authorization.as_deref().map(split_scheme);
     if let Some((name, _)) = scheme {
+        // (The cached principal stays: it is used only for the account it was built for.)
         conn.ntlm_user = None;
-        conn.principal = None;
         if !name.eq_ignore_ascii_case("negotiate") && !name.eq_ignore_ascii_case("ntlm") {
             conn.ntlm = None;
         }
