@@ -26,16 +26,15 @@
 #      /proc/PID/stat) over the window, divided by the round trips completed in it. The
 #      commands' own CPU is not in it: a child's CPU, from fork on, is its own (it reaches
 #      the agent's cutime/cstime when reaped, and is shown separately in the details). The
-#      agent starts each command by fork (its spawn has a pre_exec step, so no posix_spawn)
-#      + exec of /bin/sh running its commands-session wrapper around `true` (the wrapper
-#      also saves the working directory and exported environment, with two `mv` processes,
-#      which are the command's children, not the agent's), and the parent's side of that
-#      fork + wait is in the agent's CPU. What is subtracted is the reference spawn CPU of A: the parent's-side
-#      CPU of one fork + execv + waitpid of /bin/true in a minimal (Python) spawner.
-#      "agent CPU per command - reference spawn CPU" is what the agent spends beyond that;
-#      target < 1 ms. (The cost of fork grows with the parent's address space: the agent's
-#      own fork may cost more than the small Python process's; that difference counts
-#      against the agent here.)
+#      agent starts each command with a vfork-style clone + exec; `true` is a simple command
+#      in a session with no saved state, so it is exec'd directly (other command lines run
+#      in /bin/sh inside the commands-session wrapper). The parent's side of that spawn and
+#      the wait is in the agent's CPU. What is subtracted is the reference spawn CPU of A:
+#      the parent's-side CPU of one fork + execv + waitpid of /bin/true in a minimal
+#      (Python) spawner. "agent CPU per command - reference spawn CPU" is what the agent
+#      spends beyond that; target < 1 ms. (A vfork-style spawn costs its parent less than
+#      that fork does, so the difference flatters the agent by up to the reference; the
+#      agent's whole CPU per command, with nothing subtracted, is the row above it.)
 #   3. info: client-side latency of one whole round trip (p50/p90), the agent's RSS.
 # Rows 1-3 are printed for each scheme in BENCH_SCHEME (default: http, then https).
 # Every response is checked (HTTP 200, RelatesTo = the request's MessageID, a ShellId, a
@@ -324,7 +323,7 @@ echo "Details:"
 echo "- spawn baselines, CPU per spawn (ms, user+sys): fork loop own $(get spawn_fork_cpu_ms), its children $(get spawn_fork_kids_cpu_ms);" \
      "posix_spawn loop own $(get spawn_posix_cpu_ms), its children $(get spawn_posix_kids_cpu_ms)"
 echo "- info: $(nproc) posix_spawn loops at once (one per CPU): $(get spawn_par_rate) spawns/s in all;" \
-     "one fork+exec loop of \`/bin/sh -c true\` (the agent runs each command in /bin/sh, inside its session wrapper): $(get spawn_sh_rate)/s, own CPU $(get spawn_sh_cpu_ms) ms, children $(get spawn_sh_kids_cpu_ms) ms per spawn"
+     "one fork+exec loop of \`/bin/sh -c true\` (what a command line that is not simple costs: the agent runs those in /bin/sh): $(get spawn_sh_rate)/s, own CPU $(get spawn_sh_cpu_ms) ms, children $(get spawn_sh_kids_cpu_ms) ms per spawn"
 for s in $SCHEMES; do
     p="${s}_"
     [[ -n $(get "${p}cmds") ]] || { echo "- $s: no measurement (see notes)"; continue; }
