@@ -403,6 +403,7 @@ async fn start_winrm(
             max_envelope_bytes: settings.max_envelope_bytes,
             journal_bytes: settings.journal_bytes,
         },
+        shutdown.clone(),
     );
     let (server, bound) = WinrmServer::bind(
         settings,

@@ -66,6 +66,7 @@ pub struct Shells {
     settings: ShellSettings,
     shells: Mutex<HashMap<String, Arc<Shell>>>,
     last_sweep: Mutex<Instant>,
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 struct Shell {
@@ -105,10 +106,17 @@ impl Shell {
 }
 
 impl Shells {
-    pub fn new(host: Arc<SessionHost>, settings: ShellSettings) -> Shells {
+    /// `shutdown`: when cancelled, waiting Receives end at once with the TimedOut fault
+    /// (spec §3.7), so connections can finish their request and close.
+    pub fn new(
+        host: Arc<SessionHost>,
+        settings: ShellSettings,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Shells {
         Shells {
             host,
             settings,
+            shutdown,
             shells: Mutex::new(HashMap::new()),
             last_sweep: Mutex::new(Instant::now()),
         }
@@ -193,7 +201,10 @@ impl Shells {
                     .unwrap_or(153_600)
                     .clamp(8192, self.settings.max_envelope_bytes as u64);
                 let max = soap::max_receive_payload(envelope);
-                receive(&shell, &cmd, id, max, deadline, rel).await
+                tokio::select! {
+                    r = receive(&shell, &cmd, id, max, deadline, rel) => r,
+                    () = self.shutdown.cancelled() => Err(Fault::timed_out()),
+                }
             }
             Body::Signal { command_id, code } => {
                 let shell = self.shell(who, req)?;
