@@ -5,10 +5,14 @@
 //!   the host (ordinary WebPKI verification);
 //! * `--fingerprint SHA256:…`: the certificate must be exactly that one (the SHA-256 of its
 //!   DER, as `remote-agent` prints it at start);
-//! * otherwise trust on first use: the first certificate seen for `host:port` is recorded in
-//!   `$XDG_CONFIG_HOME/remote/winrm_known_hosts` (one `HOST:PORT SHA256:…` line each); later
-//!   connections must present the same one, and a changed certificate is refused with the
-//!   file and line to edit.
+//! * otherwise, like a browser: a certificate that chains to one of the system's trusted
+//!   roots (`SSL_CERT_FILE` / `SSL_CERT_DIR`, else the usual bundle; loaded once) and names
+//!   the host is trusted, and nothing is recorded;
+//! * failing that (a self-signed certificate such as the one remote-agent generates), like
+//!   ssh's known_hosts, trust on first use: the first certificate seen for `host:port` is
+//!   recorded in `$XDG_CONFIG_HOME/remote/winrm_known_hosts` (one `HOST:PORT SHA256:…` line
+//!   each); later connections must present the same one, and a changed certificate is
+//!   refused with the file and line to edit.
 //!
 //! With a pinned certificate the handshake signatures are still verified against its key, so
 //! only the holder of that certificate's private key gets through. Also here: the TLS
@@ -17,11 +21,12 @@
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
+use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
@@ -120,6 +125,36 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The system's trusted CA certificates, loaded on first need and kept for the process. A
+/// missing or unreadable store only means none (logged at debug level).
+fn system_roots() -> Arc<RootCertStore> {
+    static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            for e in &found.errors {
+                tracing::debug!("system CA certificates: {e}");
+            }
+            let mut roots = RootCertStore::empty();
+            let (added, ignored) = roots.add_parsable_certificates(found.certs);
+            tracing::debug!("system CA certificates: {added} loaded, {ignored} unusable");
+            Arc::new(roots)
+        })
+        .clone()
+}
+
+/// WebPKI verification (chain to `roots`, host name, validity) on the ring provider; `None`
+/// when there are no roots.
+fn webpki_verifier(roots: Arc<RootCertStore>) -> Option<Arc<WebPkiServerVerifier>> {
+    if roots.is_empty() {
+        return None;
+    }
+    WebPkiServerVerifier::builder_with_provider(roots, provider())
+        .build()
+        .inspect_err(|e| tracing::debug!("system CA certificates unusable: {e}"))
+        .ok()
+}
+
 /// How server certificates are checked.
 #[derive(Clone)]
 pub enum Trust {
@@ -175,6 +210,19 @@ impl Trust {
         addr: &str,
         timeout: Duration,
     ) -> Result<(TlsStream<TcpStream>, Vec<u8>), TlsError> {
+        let system = matches!(self, Trust::FirstUse(_)).then(system_roots);
+        self.connect_with(tcp, host, addr, timeout, system).await
+    }
+
+    /// [`Trust::connect`] with the system's roots given (first use only; `None` = no roots).
+    async fn connect_with(
+        &self,
+        tcp: TcpStream,
+        host: &str,
+        addr: &str,
+        timeout: Duration,
+        system: Option<Arc<RootCertStore>>,
+    ) -> Result<(TlsStream<TcpStream>, Vec<u8>), TlsError> {
         let handshake_err = |reason: String| TlsError::Handshake {
             addr: addr.to_string(),
             reason,
@@ -193,7 +241,7 @@ impl Trust {
                 None,
             ),
             Trust::Pinned(fp) => {
-                let v = Arc::new(PinVerifier::new(Some(fp.clone())));
+                let v = Arc::new(PinVerifier::new(Some(fp.clone()), None));
                 (
                     builder
                         .dangerous()
@@ -204,7 +252,10 @@ impl Trust {
             }
             Trust::FirstUse(store) => {
                 let recorded = store.lookup(&key)?;
-                let v = Arc::new(PinVerifier::new(recorded.map(|(fp, _)| fp)));
+                let v = Arc::new(PinVerifier::new(
+                    recorded.map(|(fp, _)| fp),
+                    system.and_then(webpki_verifier),
+                ));
                 (
                     builder
                         .dangerous()
@@ -238,7 +289,11 @@ impl Trust {
             .ok_or_else(|| handshake_err("the server sent no certificate".into()))?;
         if let Trust::FirstUse(store) = self {
             let fp = fingerprint(&cert);
-            if store.lookup(&key)?.is_none() {
+            if pin.as_ref().is_some_and(|p| p.by_system()) {
+                tracing::debug!(
+                    "{addr}: TLS certificate {fp} verified against the system's trusted roots"
+                );
+            } else if store.lookup(&key)?.is_none() {
                 store.record(&key, &fp, addr)?;
                 crate::notice(&format!(
                     "first contact with {addr}: trusting its TLS certificate {fp} and recording it in {} \
@@ -306,25 +361,42 @@ impl Trust {
 }
 
 /// Accepts exactly one certificate (or, when `expected` is `None`, any: first use), and
-/// verifies the handshake signatures with its key.
+/// verifies the handshake signatures with its key. With `system`, a certificate that passes
+/// WebPKI verification against the system's roots is accepted first, whatever is pinned.
 #[derive(Debug)]
 struct PinVerifier {
     expected: Option<String>,
-    seen: Mutex<Option<String>>,
+    system: Option<Arc<WebPkiServerVerifier>>,
+    /// The fingerprint of the certificate presented, and whether `system` accepted it.
+    seen: Mutex<Option<(String, bool)>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl PinVerifier {
-    fn new(expected: Option<String>) -> PinVerifier {
+    fn new(expected: Option<String>, system: Option<Arc<WebPkiServerVerifier>>) -> PinVerifier {
         PinVerifier {
             expected,
+            system,
             seen: Mutex::new(None),
             algorithms: provider().signature_verification_algorithms,
         }
     }
 
     fn seen(&self) -> Option<String> {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(fp, _)| fp.clone())
+    }
+
+    /// Whether the certificate was accepted on the system's roots (so it is not to be pinned).
+    fn by_system(&self) -> bool {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|(_, by_system)| *by_system)
     }
 }
 
@@ -332,13 +404,30 @@ impl ServerCertVerifier for PinVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let fp = fingerprint(end_entity.as_ref());
-        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(fp.clone());
+        if let Some(system) = &self.system {
+            match system.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            ) {
+                Ok(verified) => {
+                    *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some((fp, true));
+                    return Ok(verified);
+                }
+                Err(e) => tracing::debug!(
+                    "certificate {fp} not trusted by the system's roots ({e}); checking the pinned certificates"
+                ),
+            }
+        }
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some((fp.clone(), false));
         match &self.expected {
             Some(expected) if *expected != fp => Err(rustls::Error::General(format!(
                 "certificate {fp} is not the expected {expected}"
@@ -639,5 +728,155 @@ mod tests {
         assert!(cb.starts_with(b"tls-server-end-point:"));
         assert_eq!(cb.len(), 21 + 48);
         assert_eq!(channel_binding(&sha256_rsa).len(), 21 + 32);
+    }
+
+    /// A TLS server on 127.0.0.1 presenting `chain` (leaf first), for any number of handshakes.
+    async fn tls_server(
+        chain: Vec<CertificateDer<'static>>,
+        key: &rcgen::KeyPair,
+    ) -> std::net::SocketAddr {
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(tcp).await {
+                        use tokio::io::AsyncReadExt;
+                        let _ = tls.read(&mut [0u8; 1]).await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn connect(
+        trust: &Trust,
+        server: std::net::SocketAddr,
+        host: &str,
+        system: Option<Arc<RootCertStore>>,
+    ) -> Result<Vec<u8>, TlsError> {
+        let tcp = TcpStream::connect(server).await.unwrap();
+        let addr = format!("{host}:{}", server.port());
+        trust
+            .connect_with(tcp, host, &addr, Duration::from_secs(10), system)
+            .await
+            .map(|(_, cert)| cert)
+    }
+
+    #[tokio::test]
+    async fn system_roots_first_then_trust_on_first_use() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        // A CA in the "system" store, and a leaf for localhost that it issued.
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::from_params(&ca_params, &ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).unwrap();
+        let roots = Arc::new(roots);
+        let issued = tls_server(vec![leaf.der().clone(), ca_cert.der().clone()], &leaf_key).await;
+
+        // A self-signed certificate for localhost, like remote-agent's.
+        let own_key = KeyPair::generate().unwrap();
+        let own = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&own_key)
+            .unwrap();
+        let own_fp = fingerprint(own.der());
+        let self_signed = tls_server(vec![own.der().clone()], &own_key).await;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("winrm_known_hosts");
+        let trust = Trust::new(None, None, path.clone()).unwrap();
+        let key = |server: std::net::SocketAddr| format!("localhost:{}", server.port());
+
+        // Chains to a system root and names the host: trusted, nothing pinned.
+        let cert = connect(&trust, issued, "localhost", Some(roots.clone()))
+            .await
+            .unwrap();
+        assert_eq!(cert, leaf.der().as_ref());
+        assert!(
+            !path.exists(),
+            "nothing recorded for a CA-issued certificate"
+        );
+
+        // Self-signed: falls back to trust on first use, recorded, then held to it.
+        let cert = connect(&trust, self_signed, "localhost", Some(roots.clone()))
+            .await
+            .unwrap();
+        assert_eq!(cert, own.der().as_ref());
+        let recorded = CertStore::new(path.clone());
+        assert_eq!(
+            recorded.lookup(&key(self_signed)).unwrap(),
+            Some((own_fp.clone(), 3))
+        );
+        assert_eq!(recorded.lookup(&key(issued)).unwrap(), None);
+        connect(&trust, self_signed, "localhost", Some(roots.clone()))
+            .await
+            .unwrap();
+
+        // A CA-issued certificate that does not name the host (an IP address here) is not
+        // trusted on the system's roots: it is pinned like any other.
+        let by_ip = connect(&trust, issued, "127.0.0.1", Some(roots.clone()))
+            .await
+            .unwrap();
+        assert_eq!(by_ip, leaf.der().as_ref());
+        let again = CertStore::new(path.clone());
+        let ip_key = format!("127.0.0.1:{}", issued.port());
+        assert_eq!(
+            again.lookup(&ip_key).unwrap(),
+            Some((fingerprint(leaf.der()), 4))
+        );
+
+        // Without system roots the CA-issued certificate is pinned too, and a certificate
+        // other than the pinned one is refused as changed, whatever the system trusts.
+        let other = tempfile::tempdir().unwrap();
+        let other_path = other.path().join("winrm_known_hosts");
+        let strict = Trust::new(None, None, other_path.clone()).unwrap();
+        connect(&strict, self_signed, "localhost", None)
+            .await
+            .unwrap();
+        connect(&strict, issued, "localhost", None).await.unwrap();
+        let pinned = CertStore::new(other_path.clone());
+        assert_eq!(
+            pinned.lookup(&key(issued)).unwrap(),
+            Some((fingerprint(leaf.der()), 4))
+        );
+        // The issued server's host:port pinned to another certificate: refused as changed
+        // without system roots, accepted on them.
+        std::fs::write(&other_path, format!("{} {own_fp}\n", key(issued))).unwrap();
+        let strict = Trust::new(None, None, other_path.clone()).unwrap();
+        let err = connect(&strict, issued, "localhost", None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TlsError::Changed { .. }), "{err}");
+        connect(&strict, issued, "localhost", Some(roots.clone()))
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn system_roots_load_without_failing() {
+        // Whatever this machine has (possibly nothing): loaded once, never an error.
+        let a = system_roots();
+        let b = system_roots();
+        assert!(Arc::ptr_eq(&a, &b));
     }
 }
