@@ -6,6 +6,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(false)
         .build_client(false)
         .compile_fds(fds)?;
+    // relay.proto uses session.proto's messages as they are generated above (crate::session),
+    // and its services get both a tonic server and a client.
+    let fds = protox::compile(["relay.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .extern_path(".remote.session.v1", "crate::session")
+        .compile_fds(fds)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

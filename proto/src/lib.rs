@@ -1,6 +1,7 @@
 //! `remote-proto`: the wire types shared by the agent, the relay and the clients
 //! (design.md §3), and the framing of the session protocol. Generated message types live in
-//! [`session`]; [`FrameCodec`] turns a byte stream into frames and back. No I/O policy here.
+//! [`session`] and [`relay`] (with the relay's gRPC services); [`FrameCodec`] turns a byte
+//! stream into frames and back. No I/O policy here.
 
 use std::marker::PhantomData;
 
@@ -14,6 +15,13 @@ pub mod wsman;
 pub mod session {
     #![allow(clippy::all, missing_docs)]
     include!(concat!(env!("OUT_DIR"), "/remote.session.v1.rs"));
+}
+
+/// The relay's services and messages (proto/relay.proto): the agent tunnel and the
+/// client-facing relay service, with tonic servers and clients.
+pub mod relay {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/remote.relay.v1.rs"));
 }
 
 /// Version of the session protocol spoken by this build (exchanged in `Hello`).

@@ -1,6 +1,9 @@
-//! `remote-relay`: the relay that agents dial out to (design.md §1, §3, §4). This crate is a
-//! skeleton in the workspace layout; the gRPC tunnel, the client service and the session
-//! store arrive with the relay issue (issue 5). It depends only on `remote-proto`, never on
-//! the agent.
+//! `remote-relay`: the relay that agents dial out to (design.md §1, §3, §4). Issue 5 is in
+//! progress: [`store`] (agents, join tokens, users, sessions and their persisted journal, on
+//! SQLite or PostgreSQL through sqlx) is here; the gRPC services of proto/relay.proto, the
+//! binary and the agent's tunnel come next. It depends only on `remote-proto`, never on the
+//! agent.
+
+pub mod store;
 
 pub use remote_proto::PROTOCOL_VERSION;
