@@ -1,5 +1,6 @@
 """Shared pieces of the benchmark helpers (stdlib only): /proc readings, summary statistics,
-and the KEY=VALUE result files the shell scripts write and the report tables read."""
+the KEY=VALUE result files the shell scripts write and the report tables read, and the
+helpers' `--key value -- CMD` argument parsing."""
 import statistics
 import sys
 
@@ -50,3 +51,26 @@ def read_results(path):
                 k, v = line.split("=", 1)
                 r[k] = v
     return r
+
+
+def split_cmd(args):
+    """`--key value ... -- CMD ARGS...` into ({key: value}, [CMD, ARGS...])."""
+    if "--" not in args:
+        sys.exit("missing -- CMD")
+    i = args.index("--")
+    opts, cmd = args[:i], args[i + 1:]
+    if not cmd:
+        sys.exit("empty command")
+    return parse_opts(opts), cmd
+
+
+def parse_opts(args):
+    """`--key value ...` into {key: value}."""
+    parsed = {}
+    j = 0
+    while j < len(args):
+        if not args[j].startswith("--") or j + 1 >= len(args):
+            sys.exit(f"bad option {args[j]}")
+        parsed[args[j][2:]] = args[j + 1]
+        j += 2
+    return parsed

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from benchlib import num, read_results, stats, stats_of, status_field  # noqa: F401
+from benchlib import num, read_results, split_cmd, stats, stats_of, status_field  # noqa: F401
 
 
 
@@ -57,23 +57,6 @@ def cpu(pid):
     return (int(rest[11]) + int(rest[12])) / ticks
 
 
-
-
-def split_cmd(args):
-    if "--" not in args:
-        sys.exit("missing -- CMD")
-    i = args.index("--")
-    opts, cmd = args[:i], args[i + 1:]
-    parsed = {}
-    j = 0
-    while j < len(opts):
-        if not opts[j].startswith("--") or j + 1 >= len(opts):
-            sys.exit(f"bad option {opts[j]}")
-        parsed[opts[j][2:]] = opts[j + 1]
-        j += 2
-    if not cmd:
-        sys.exit("empty command")
-    return parsed, cmd
 
 
 def timed(args):

@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 
-from benchlib import num, read_results, status_field
+from benchlib import num, parse_opts, read_results, split_cmd, status_field
 
 # ------------------------------------------------------------------ WinRM envelopes
 # Byte for byte what pywinrm 0.5.0 sends for Session.run_cmd (xmltodict.unparse of its
@@ -378,34 +378,6 @@ def spawn(args):
             secs, own, kids, failed = max(secs, s), own + o, kids + k, failed + int(f)
     total = n * procs
     print(f"{total / secs:.1f} {own / total * 1e3:.4f} {kids / total * 1e3:.4f} {failed}")
-
-
-def split_cmd(args):
-    if "--" not in args:
-        sys.exit("missing -- CMD")
-    i = args.index("--")
-    opts, cmd = args[:i], args[i + 1:]
-    parsed = {}
-    j = 0
-    while j < len(opts):
-        if not opts[j].startswith("--") or j + 1 >= len(opts):
-            sys.exit(f"bad option {opts[j]}")
-        parsed[opts[j][2:]] = opts[j + 1]
-        j += 2
-    if not cmd:
-        sys.exit("empty command")
-    return parsed, cmd
-
-
-def parse_opts(args):
-    parsed = {}
-    j = 0
-    while j < len(args):
-        if not args[j].startswith("--") or j + 1 >= len(args):
-            sys.exit(f"bad option {args[j]}")
-        parsed[args[j][2:]] = args[j + 1]
-        j += 2
-    return parsed
 
 
 def read_password(path):
