@@ -2,8 +2,7 @@
 //! progress: [`store`] (agents, join tokens, users, sessions and their persisted journal, on
 //! SQLite or PostgreSQL through sqlx) and the administration commands of the binary are
 //! here; the gRPC services of proto/relay.proto, `remote-relay run` and the agent's tunnel
-//! come next. It depends only on `remote-proto`, never on the
-//! agent.
+//! come next. It depends only on `remote-proto`, never on the agent.
 
 pub mod store;
 
