@@ -4,6 +4,7 @@
 //! * [`config`]: where client state lives (`$XDG_CONFIG_HOME/remote`);
 //! * [`known_hosts`]: host key trust (accept new, refuse changed);
 //! * [`auth`]: credentials (keys, ssh-agent, password);
+//! * [`net`]: resolving and connecting over TCP, for every transport;
 //! * [`ssh`]: connect, authenticate, run commands and shells over russh's client;
 //! * [`winrm`]: the same commands over WS-Management (`winrm://`, `winrms://`): HTTP(S),
 //!   Basic or NTLM with message encryption, the WinRS cmd shell;
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod config;
 pub mod follow;
 pub mod known_hosts;
+pub mod net;
 pub mod output;
 pub mod run;
 pub mod session;

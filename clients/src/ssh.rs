@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::auth::{Credentials, Key};
 use crate::known_hosts::{KnownHosts, KnownHostsError, Verdict};
+use crate::net::ConnectFailure;
 use crate::target::Target;
 
 /// Ciphers offered, in preference order.
@@ -184,61 +185,24 @@ impl Client {
 
     async fn tcp_connect(&self, target: &Target, addr: &str) -> Result<TcpStream, SshError> {
         let timeout = self.options.connect_timeout;
-        let secs = timeout.as_secs().max(1);
-        let addrs: Vec<std::net::SocketAddr> = match target.host.parse::<std::net::IpAddr>() {
-            Ok(ip) => vec![std::net::SocketAddr::new(ip, target.port)],
-            Err(_) => {
-                let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
-                match tokio::time::timeout(timeout, lookup).await {
-                    Ok(Ok(found)) => found.collect(),
-                    Ok(Err(e)) => {
-                        return Err(SshError::Resolve {
-                            host: target.host.clone(),
-                            reason: e.to_string(),
-                        });
-                    }
-                    Err(_) => {
-                        return Err(SshError::Resolve {
-                            host: target.host.clone(),
-                            reason: format!("no answer within {secs} s"),
-                        });
-                    }
-                }
-            }
-        };
-        if addrs.is_empty() {
-            return Err(SshError::Resolve {
-                host: target.host.clone(),
-                reason: "no addresses".into(),
-            });
-        }
-        let mut last = None;
-        for sa in addrs {
-            tracing::debug!("connecting to {sa}");
-            match tokio::time::timeout(timeout, TcpStream::connect(sa)).await {
-                Ok(Ok(stream)) => {
-                    let _ = stream.set_nodelay(true);
-                    return Ok(stream);
-                }
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    last = Some(SshError::Refused { addr: addr.into() })
-                }
-                Ok(Err(source)) => {
-                    last = Some(SshError::Connect {
-                        addr: addr.into(),
-                        source,
-                    })
-                }
-                Err(_) => {
-                    last = Some(SshError::ConnectTimeout {
-                        addr: addr.into(),
-                        port: target.port,
-                        secs,
-                    })
-                }
-            }
-        }
-        Err(last.unwrap_or(SshError::Refused { addr: addr.into() }))
+        crate::net::connect(&target.host, target.port, timeout)
+            .await
+            .map_err(|failure| match failure {
+                ConnectFailure::Resolve(reason) => SshError::Resolve {
+                    host: target.host.clone(),
+                    reason,
+                },
+                ConnectFailure::Refused => SshError::Refused { addr: addr.into() },
+                ConnectFailure::Timeout => SshError::ConnectTimeout {
+                    addr: addr.into(),
+                    port: target.port,
+                    secs: timeout.as_secs().max(1),
+                },
+                ConnectFailure::Io(source) => SshError::Connect {
+                    addr: addr.into(),
+                    source,
+                },
+            })
     }
 
     async fn authenticate(

@@ -1,7 +1,64 @@
-//! WinRM message-encryption framing (MS-WSMV 2.2.9.1 as pywinrm and pypsrp implement it;
-//! ../shared/spec/winrm.md §5.3): the `multipart/encrypted` Content-Type and the body that
+//! What the WinRM server (agent) and client share: the WS-Management names both speak
+//! (namespaces, actions, the cmd shell's resource and signal URIs, the fault codes clients
+//! act on), and message-encryption framing (MS-WSMV 2.2.9.1 as pywinrm and pypsrp implement
+//! it; ../shared/spec/winrm.md §5.3): the `multipart/encrypted` Content-Type and the body that
 //! carries one sealed SOAP message (`u32 LE sigLen ‖ signature ‖ sealed bytes`). Pure
-//! functions shared by the agent and the client; no I/O, no cryptography.
+//! constants and functions; no I/O, no cryptography.
+
+// ---------------------------------------------------------------------------------------
+// WS-Management names both sides use (spec §2.1, §2.4, §3.5, §4)
+
+/// SOAP 1.2 envelope namespace.
+pub const NS_SOAP: &str = "http://www.w3.org/2003/05/soap-envelope";
+/// WS-Addressing (2004/08) namespace.
+pub const NS_ADDRESSING: &str = "http://schemas.xmlsoap.org/ws/2004/08/addressing";
+/// DMTF WS-Management namespace.
+pub const NS_WSMAN: &str = "http://schemas.dmtf.org/wbem/wsman/1/wsman.xsd";
+/// Microsoft WS-Management extensions namespace (`p:`/`wsmv:`).
+pub const NS_MS_WSMAN: &str = "http://schemas.microsoft.com/wbem/wsman/1/wsman.xsd";
+/// WS-Transfer namespace.
+pub const NS_TRANSFER: &str = "http://schemas.xmlsoap.org/ws/2004/09/transfer";
+/// Windows remote shell namespace (`rsp:`), also the prefix of shell Action URIs.
+pub const NS_SHELL: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell";
+/// WSManFault detail namespace.
+pub const NS_WSMAN_FAULT: &str = "http://schemas.microsoft.com/wbem/wsman/1/wsmanfault";
+/// Namespace of the `MSFT_WmiError` element in quota faults (§3.7).
+pub const NS_WMI_ERROR: &str = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/MSFT_WmiError";
+
+/// Action URI: Create (WS-Transfer).
+pub const ACTION_CREATE: &str = "http://schemas.xmlsoap.org/ws/2004/09/transfer/Create";
+/// Action URI: Delete (WS-Transfer).
+pub const ACTION_DELETE: &str = "http://schemas.xmlsoap.org/ws/2004/09/transfer/Delete";
+/// Action URI: Command.
+pub const ACTION_COMMAND: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Command";
+/// Action URI: Send.
+pub const ACTION_SEND: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Send";
+/// Action URI: Receive.
+pub const ACTION_RECEIVE: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Receive";
+/// Action URI: Signal.
+pub const ACTION_SIGNAL: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Signal";
+/// Action URI of every fault response.
+pub const ACTION_FAULT: &str = "http://schemas.dmtf.org/wbem/wsman/1/wsman/fault";
+/// Resource URI of the cmd shell.
+pub const RESOURCE_CMD: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/cmd";
+/// The anonymous WS-Addressing address (`a:ReplyTo`, and `a:To` of every response).
+pub const ANONYMOUS: &str = "http://schemas.xmlsoap.org/ws/2004/08/addressing/role/anonymous";
+/// Signal code: end the command (pywinrm's cleanup_command).
+pub const SIGNAL_TERMINATE: &str =
+    "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/signal/terminate";
+/// Signal code: interrupt the command.
+pub const SIGNAL_CTRL_C: &str =
+    "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/signal/ctrl_c";
+
+/// WSManFault code: operation timed out (0x80338029); clients re-issue the Receive.
+pub const CODE_TIMED_OUT: u64 = 2_150_858_793;
+/// WSManFault code: shell not found / invalid selectors (0x8033805B).
+pub const CODE_INVALID_SELECTORS: u64 = 2_150_858_843;
+/// WSManFault code: invalid parameter (e.g. unknown CommandId).
+pub const CODE_INVALID_PARAMETER: u64 = 2_150_858_810;
+
+// ---------------------------------------------------------------------------------------
+// Message encryption framing (spec §5.3)
 
 /// The protocol string of NTLM/Kerberos (SPNEGO) session encryption.
 pub const SPNEGO_ENCRYPTED: &str = "application/HTTP-SPNEGO-session-encrypted";

@@ -25,43 +25,15 @@ use quick_xml::events::{BytesStart, Event};
 use quick_xml::name::ResolveResult;
 use quick_xml::reader::NsReader;
 
-/// SOAP 1.2 envelope namespace.
-pub const NS_SOAP: &str = "http://www.w3.org/2003/05/soap-envelope";
-/// WS-Addressing (2004/08) namespace.
-pub const NS_ADDRESSING: &str = "http://schemas.xmlsoap.org/ws/2004/08/addressing";
-/// DMTF WS-Management namespace.
-pub const NS_WSMAN: &str = "http://schemas.dmtf.org/wbem/wsman/1/wsman.xsd";
-/// Microsoft WS-Management extensions namespace (`p:`/`wsmv:`).
-pub const NS_MS_WSMAN: &str = "http://schemas.microsoft.com/wbem/wsman/1/wsman.xsd";
-/// WS-Transfer namespace.
-pub const NS_TRANSFER: &str = "http://schemas.xmlsoap.org/ws/2004/09/transfer";
-/// Windows remote shell namespace (`rsp:`), also the prefix of shell Action URIs.
-pub const NS_SHELL: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell";
-/// WSManFault detail namespace.
-pub const NS_WSMAN_FAULT: &str = "http://schemas.microsoft.com/wbem/wsman/1/wsmanfault";
+pub use remote_proto::wsman::{
+    ACTION_COMMAND, ACTION_CREATE, ACTION_DELETE, ACTION_FAULT, ACTION_RECEIVE, ACTION_SEND,
+    ACTION_SIGNAL, ANONYMOUS, CODE_INVALID_PARAMETER, CODE_INVALID_SELECTORS, CODE_TIMED_OUT,
+    NS_ADDRESSING, NS_MS_WSMAN, NS_SHELL, NS_SOAP, NS_TRANSFER, NS_WMI_ERROR, NS_WSMAN,
+    NS_WSMAN_FAULT, RESOURCE_CMD,
+};
+
 /// PowerShell namespace (`creationXml`).
 pub const NS_POWERSHELL: &str = "http://schemas.microsoft.com/powershell";
-/// Namespace of the `MSFT_WmiError` element in quota faults (§3.7).
-pub const NS_WMI_ERROR: &str = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/MSFT_WmiError";
-
-/// Action URI: Create (WS-Transfer).
-pub const ACTION_CREATE: &str = "http://schemas.xmlsoap.org/ws/2004/09/transfer/Create";
-/// Action URI: Delete (WS-Transfer).
-pub const ACTION_DELETE: &str = "http://schemas.xmlsoap.org/ws/2004/09/transfer/Delete";
-/// Action URI: Command.
-pub const ACTION_COMMAND: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Command";
-/// Action URI: Send.
-pub const ACTION_SEND: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Send";
-/// Action URI: Receive.
-pub const ACTION_RECEIVE: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Receive";
-/// Action URI: Signal.
-pub const ACTION_SIGNAL: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Signal";
-/// Action URI of every fault response.
-pub const ACTION_FAULT: &str = "http://schemas.dmtf.org/wbem/wsman/1/wsman/fault";
-/// Resource URI of the cmd shell.
-pub const RESOURCE_CMD: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/cmd";
-/// The anonymous WS-Addressing address (`a:To` of every response).
-pub const ANONYMOUS: &str = "http://schemas.xmlsoap.org/ws/2004/08/addressing/role/anonymous";
 
 const STATE_PREFIX: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/CommandState/";
 const SIGNAL_PREFIX: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/signal/";
@@ -156,12 +128,6 @@ pub enum SoapError {
     MissingShellId,
 }
 
-/// WSManFault code: operation timed out (0x80338029).
-pub const CODE_TIMED_OUT: u64 = 2_150_858_793;
-/// WSManFault code: shell not found / invalid selectors (0x8033805B).
-pub const CODE_INVALID_SELECTORS: u64 = 2_150_858_843;
-/// WSManFault code: invalid parameter (e.g. unknown CommandId).
-pub const CODE_INVALID_PARAMETER: u64 = 2_150_858_810;
 /// WSManFault code: action not supported.
 pub const CODE_ACTION_NOT_SUPPORTED: u64 = 2_150_858_771;
 /// WSManFault code: destination unreachable (unknown ResourceURI).

@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use super::ntlm::NtlmClient;
 use super::tls::{Trust, channel_binding};
 use super::{AuthMethod, WinrmError};
+use crate::net::ConnectFailure;
 use crate::target::{Scheme, Target};
 
 /// `Content-Type` of a plain SOAP body.
@@ -583,61 +584,27 @@ async fn tcp_connect(
     timeout: Duration,
     flag: &'static str,
 ) -> Result<TcpStream, WinrmError> {
-    let secs = timeout.as_secs().max(1);
-    let addrs: Vec<std::net::SocketAddr> = match target.host.parse::<std::net::IpAddr>() {
-        Ok(ip) => vec![std::net::SocketAddr::new(ip, target.port)],
-        Err(_) => {
-            let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
-            match tokio::time::timeout(timeout, lookup).await {
-                Ok(Ok(found)) => found.collect(),
-                Ok(Err(e)) => {
-                    return Err(WinrmError::Resolve {
-                        host: target.host.clone(),
-                        reason: e.to_string(),
-                    });
-                }
-                Err(_) => {
-                    return Err(WinrmError::Resolve {
-                        host: target.host.clone(),
-                        reason: format!("no answer within {secs} s"),
-                    });
-                }
-            }
-        }
-    };
-    let mut last = None;
-    for sa in addrs {
-        tracing::debug!("connecting to {sa}");
-        match tokio::time::timeout(timeout, TcpStream::connect(sa)).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
-            }
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                last = Some(WinrmError::Refused {
-                    addr: addr.into(),
-                    flag,
-                })
-            }
-            Ok(Err(error)) => {
-                last = Some(WinrmError::Connect {
-                    addr: addr.into(),
-                    error,
-                })
-            }
-            Err(_) => {
-                last = Some(WinrmError::ConnectTimeout {
-                    addr: addr.into(),
-                    port: target.port,
-                    secs,
-                })
-            }
-        }
-    }
-    Err(last.unwrap_or(WinrmError::Resolve {
-        host: target.host.clone(),
-        reason: "no addresses".into(),
-    }))
+    crate::net::connect(&target.host, target.port, timeout)
+        .await
+        .map_err(|failure| match failure {
+            ConnectFailure::Resolve(reason) => WinrmError::Resolve {
+                host: target.host.clone(),
+                reason,
+            },
+            ConnectFailure::Refused => WinrmError::Refused {
+                addr: addr.into(),
+                flag,
+            },
+            ConnectFailure::Timeout => WinrmError::ConnectTimeout {
+                addr: addr.into(),
+                port: target.port,
+                secs: timeout.as_secs().max(1),
+            },
+            ConnectFailure::Io(error) => WinrmError::Connect {
+                addr: addr.into(),
+                error,
+            },
+        })
 }
 
 #[cfg(test)]

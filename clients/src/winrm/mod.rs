@@ -178,10 +178,10 @@ impl WinrmError {
 /// What to add to a fault's message so the user knows what to do.
 fn fault_hint(fault: &Fault, what: &str) -> String {
     match fault.wsman_code {
-        Some(soap::FAULT_SHELL_NOT_FOUND) if what == "Delete shell" => {
+        Some(soap::CODE_INVALID_SELECTORS) if what == "Delete shell" => {
             ": it was already closed there, or idled out".into()
         }
-        Some(soap::FAULT_SHELL_NOT_FOUND) => {
+        Some(soap::CODE_INVALID_SELECTORS) => {
             ": the shell (session) no longer exists there: it was closed, or idled out; open a new one with `remote session new`".into()
         }
         Some(5) => ": this account may not use WinRM on that host; ask its admin for access".into(),
@@ -426,7 +426,7 @@ mod tests {
     #[test]
     fn faults_get_hints() {
         let f = Fault {
-            wsman_code: Some(soap::FAULT_SHELL_NOT_FOUND),
+            wsman_code: Some(soap::CODE_INVALID_SELECTORS),
             reason: "The shell was not found.".into(),
             ..Fault::default()
         };

@@ -16,33 +16,13 @@ use quick_xml::name::ResolveResult;
 use quick_xml::reader::NsReader;
 use thiserror::Error;
 
-pub const NS_SOAP: &str = "http://www.w3.org/2003/05/soap-envelope";
-pub const NS_ADDRESSING: &str = "http://schemas.xmlsoap.org/ws/2004/08/addressing";
-pub const NS_WSMAN: &str = "http://schemas.dmtf.org/wbem/wsman/1/wsman.xsd";
-pub const NS_WSMV: &str = "http://schemas.microsoft.com/wbem/wsman/1/wsman.xsd";
-pub const NS_SHELL: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell";
-pub const NS_FAULT: &str = "http://schemas.microsoft.com/wbem/wsman/1/wsmanfault";
-pub const NS_TRANSFER: &str = "http://schemas.xmlsoap.org/ws/2004/09/transfer";
-
-/// The cmd shell's resource URI.
-pub const RESOURCE_CMD: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/cmd";
-pub const ACTION_CREATE: &str = "http://schemas.xmlsoap.org/ws/2004/09/transfer/Create";
-pub const ACTION_DELETE: &str = "http://schemas.xmlsoap.org/ws/2004/09/transfer/Delete";
-pub const ACTION_COMMAND: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Command";
-pub const ACTION_SEND: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Send";
-pub const ACTION_RECEIVE: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Receive";
-pub const ACTION_SIGNAL: &str = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Signal";
-pub const SIGNAL_TERMINATE: &str =
-    "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/signal/terminate";
-pub const SIGNAL_CTRL_C: &str =
-    "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/signal/ctrl_c";
-const ANONYMOUS: &str = "http://schemas.xmlsoap.org/ws/2004/08/addressing/role/anonymous";
+pub use remote_proto::wsman::{
+    ACTION_COMMAND, ACTION_CREATE, ACTION_DELETE, ACTION_RECEIVE, ACTION_SEND, ACTION_SIGNAL,
+    ANONYMOUS, CODE_INVALID_PARAMETER, CODE_INVALID_SELECTORS, CODE_TIMED_OUT, NS_ADDRESSING,
+    NS_MS_WSMAN, NS_SHELL, NS_SOAP, NS_TRANSFER, NS_WSMAN, NS_WSMAN_FAULT, RESOURCE_CMD,
+    SIGNAL_CTRL_C, SIGNAL_TERMINATE,
+};
 const STATE_DONE: &str = "CommandState/Done";
-
-/// WSManFault codes the client acts on.
-pub const FAULT_TIMED_OUT: u64 = 2150858793;
-pub const FAULT_SHELL_NOT_FOUND: u64 = 2150858843;
-pub const FAULT_INVALID_PARAMETER: u64 = 2150858810;
 
 /// The largest response envelope we accept, as told to the server (pywinrm's value, which
 /// every server accepts).
@@ -135,7 +115,7 @@ fn envelope(
     let mut xml = String::with_capacity(1600 + body.len());
     xml.push_str(&format!(
         "<s:Envelope xmlns:s=\"{NS_SOAP}\" xmlns:a=\"{NS_ADDRESSING}\" xmlns:w=\"{NS_WSMAN}\" \
-         xmlns:p=\"{NS_WSMV}\" xmlns:rsp=\"{NS_SHELL}\"><s:Header>"
+         xmlns:p=\"{NS_MS_WSMAN}\" xmlns:rsp=\"{NS_SHELL}\"><s:Header>"
     ));
     xml.push_str(&format!("<a:To>{}</a:To>", escape(to)));
     xml.push_str(&format!(
@@ -354,16 +334,16 @@ impl Fault {
     }
 
     pub fn is_timeout(&self) -> bool {
-        self.wsman_code == Some(FAULT_TIMED_OUT)
+        self.wsman_code == Some(CODE_TIMED_OUT)
             || (self.wsman_code.is_none() && local(&self.subcode) == "TimedOut")
     }
 
     pub fn is_shell_not_found(&self) -> bool {
-        self.wsman_code == Some(FAULT_SHELL_NOT_FOUND)
+        self.wsman_code == Some(CODE_INVALID_SELECTORS)
     }
 
     pub fn is_unknown_command(&self) -> bool {
-        self.wsman_code == Some(FAULT_INVALID_PARAMETER)
+        self.wsman_code == Some(CODE_INVALID_PARAMETER)
     }
 }
 
@@ -419,7 +399,7 @@ pub fn parse_fault(xml: &[u8]) -> Option<Fault> {
         .and_then(|r| r.child(NS_SOAP, "Text"))
         .map(|t| t.text.trim().to_string())
         .unwrap_or_default();
-    let wsman = f.find(NS_FAULT, "WSManFault");
+    let wsman = f.find(NS_WSMAN_FAULT, "WSManFault");
     Some(Fault {
         code: value,
         subcode,
@@ -428,7 +408,7 @@ pub fn parse_fault(xml: &[u8]) -> Option<Fault> {
             .and_then(|w| w.attr("Code"))
             .and_then(|c| c.trim().parse().ok()),
         message: wsman
-            .and_then(|w| w.child(NS_FAULT, "Message"))
+            .and_then(|w| w.child(NS_WSMAN_FAULT, "Message"))
             .map(|m| m.all_text().trim().to_string())
             .unwrap_or_default(),
         machine: wsman
