@@ -48,6 +48,18 @@ pub struct FileConfig {
     pub local: LocalFileConfig,
     #[serde(default)]
     pub winrm: WinrmFileConfig,
+    #[serde(default)]
+    pub relay: RelayFileConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayFileConfig {
+    /// The relay to dial out to, `HOST[:PORT]` or `https://HOST[:PORT]` (port 7443).
+    pub url: Option<String>,
+    /// The relay's certificate, `SHA256:…` as `remote-relay run` prints it (default: trusted
+    /// on first contact and pinned in the state dir).
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,7 +100,7 @@ pub struct SessionsFileConfig {
     pub journal_mb: Option<u64>,
     /// A session with no client for this long is closed (default 7200 = 2 h).
     pub idle_timeout_secs: Option<u64>,
-    /// `block` (default) or `drop`.
+    /// `block` (default without a relay), `drop` or `spill` (default with a relay).
     pub buffering: Option<String>,
     /// Sessions one user may have open at once (default 64).
     pub max_sessions_per_user: Option<usize>,
@@ -129,6 +141,65 @@ pub struct Overrides {
     pub winrm_http: Option<String>,
     pub winrm_https: Option<String>,
     pub allow_unencrypted: bool,
+    pub relay: Option<String>,
+    pub relay_fingerprint: Option<String>,
+}
+
+/// Resolved settings of the relay link.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    /// `host:port` of the relay.
+    pub addr: String,
+    /// The host name, for TLS and messages.
+    pub host: String,
+    pub fingerprint: Option<String>,
+}
+
+/// Default port of `remote-relay`.
+pub const DEFAULT_RELAY_PORT: u16 = 7443;
+
+/// Parse a relay address: `HOST`, `HOST:PORT`, `[V6]:PORT`, optionally `https://`-prefixed.
+pub fn parse_relay_url(url: &str) -> Result<RelaySettings, ConfigError> {
+    let bad = || ConfigError::Invalid {
+        what: "relay url",
+        value: url.to_string(),
+        expected: "HOST[:PORT] or https://HOST[:PORT] (default port 7443)",
+    };
+    let rest = url
+        .trim()
+        .strip_prefix("https://")
+        .or_else(|| url.trim().strip_prefix("relay://"))
+        .unwrap_or(url.trim())
+        .trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+        return Err(bad());
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, tail) = v6.split_once(']').ok_or_else(bad)?;
+        match tail.strip_prefix(':') {
+            Some(p) => (h.to_string(), p.parse::<u16>().map_err(|_| bad())?),
+            None if tail.is_empty() => (h.to_string(), DEFAULT_RELAY_PORT),
+            None => return Err(bad()),
+        }
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse::<u16>().map_err(|_| bad())?),
+            None => (rest.to_string(), DEFAULT_RELAY_PORT),
+        }
+    };
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    let addr = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    Ok(RelaySettings {
+        addr,
+        host,
+        fingerprint: None,
+    })
 }
 
 /// Resolved settings of the WinRM listeners.
@@ -185,6 +256,8 @@ pub struct AgentConfig {
     pub socket: Option<PathBuf>,
     /// WinRM; `None` when both listeners are off.
     pub winrm: Option<WinrmSettings>,
+    /// The relay this agent dials out to, if any.
+    pub relay: Option<RelaySettings>,
 }
 
 impl FileConfig {
@@ -253,17 +326,30 @@ impl FileConfig {
         if let Some(secs) = self.sessions.idle_timeout_secs {
             sessions.idle_timeout = Duration::from_secs(secs.max(1));
         }
-        match self.sessions.buffering.as_deref() {
-            None | Some("block") => {}
-            Some("drop") => sessions.buffering = crate::session::journal::Mode::Drop,
+        let relay = match flags.relay.clone().or(self.relay.url) {
+            Some(url) if !url.eq_ignore_ascii_case("off") && !url.is_empty() => {
+                let mut r = parse_relay_url(&url)?;
+                r.fingerprint = flags.relay_fingerprint.clone().or(self.relay.fingerprint);
+                Some(r)
+            }
+            _ => None,
+        };
+        use crate::session::journal::Mode;
+        sessions.buffering = match self.sessions.buffering.as_deref() {
+            None if relay.is_some() => Mode::Spill,
+            None | Some("block") => Mode::Block,
+            Some("drop") => Mode::Drop,
+            // Spill needs a relay to spill to; without one it is block.
+            Some("spill") if relay.is_some() => Mode::Spill,
+            Some("spill") => Mode::Block,
             Some(other) => {
                 return Err(ConfigError::Invalid {
                     what: "sessions.buffering",
                     value: other.to_string(),
-                    expected: "block or drop",
+                    expected: "block, drop or spill",
                 });
             }
-        }
+        };
         let socket = match flags.socket.clone().or(self.local.socket) {
             Some(s) if s.eq_ignore_ascii_case("off") || s.is_empty() => None,
             Some(s) => Some(PathBuf::from(s)),
@@ -277,6 +363,7 @@ impl FileConfig {
             sessions,
             socket,
             winrm,
+            relay,
         })
     }
 }

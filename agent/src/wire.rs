@@ -333,6 +333,9 @@ impl Conn {
             buffering: match req.buffering {
                 1 => Some(Mode::Block),
                 2 => Some(Mode::Drop),
+                // Spill only where the agent has a relay (its default buffering is spill).
+                3 if self.host.defaults().buffering == Mode::Spill => Some(Mode::Spill),
+                3 => Some(Mode::Block),
                 _ => None,
             },
             journal_bytes: (req.journal_bytes > 0).then_some(req.journal_bytes as usize),

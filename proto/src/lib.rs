@@ -9,6 +9,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use prost::Message;
 use tokio_util::codec::{Decoder, Encoder};
 
+pub mod tls;
 pub mod wsman;
 
 /// The session protocol's messages (proto/session.proto).

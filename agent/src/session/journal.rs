@@ -2,7 +2,9 @@
 //! increasing `seq`, kept in memory up to a byte budget. Readers ask for records from a seq;
 //! clients acknowledge what they consumed. When the budget is full, `block` mode makes the
 //! writer wait until acknowledged records can be trimmed (the process stalls, nothing is
-//! lost) and `drop` mode evicts the oldest records and counts the bytes evicted.
+//! lost) and `drop` mode evicts the oldest records and counts the bytes evicted. `spill` mode
+//! (agents with a relay) trims what the relay has persisted ([`Journal::persisted`]) rather
+//! than what clients acknowledged, and otherwise blocks like `block`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -19,6 +21,7 @@ const RECORD_OVERHEAD: usize = 64;
 pub enum Mode {
     Block,
     Drop,
+    Spill,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -36,12 +39,25 @@ struct Stored {
     consumed: bool,
 }
 
+impl Stored {
+    /// The record with its output bytes put back.
+    fn to_record(&self) -> Record {
+        let mut record = self.record.clone();
+        if let (Some(record::Kind::Output(o)), Some(p)) = (record.kind.as_mut(), &self.payload) {
+            o.data = p.bytes().to_vec();
+        }
+        record
+    }
+}
+
 struct Inner {
     records: VecDeque<Stored>,
     arena: Arena,
     bytes: usize,
     next_seq: u64,
     acked: u64,
+    /// Highest seq the relay has persisted (spill mode trims up to here).
+    persisted: u64,
     /// Payload bytes evicted in drop mode that were never acknowledged, total.
     dropped: u64,
     /// Highest seq evicted in drop mode.
@@ -101,6 +117,7 @@ impl Journal {
                 bytes: 0,
                 next_seq: 1,
                 acked: 0,
+                persisted: 0,
                 dropped: 0,
                 evicted_upto: 0,
                 readers: HashMap::new(),
@@ -210,7 +227,11 @@ impl Journal {
                 break;
             };
             let seq = front.record.seq;
-            let consumed = seq <= g.acked && seq < reader_floor;
+            let done = match self.mode {
+                Mode::Spill => g.persisted,
+                Mode::Block | Mode::Drop => g.acked,
+            };
+            let consumed = seq <= done && seq < reader_floor;
             if consumed || self.mode == Mode::Drop {
                 let Some(old) = g.records.pop_front() else {
                     break;
@@ -253,13 +274,7 @@ impl Journal {
                 continue;
             }
             total += stored.size;
-            let mut record = stored.record.clone();
-            if let (Some(record::Kind::Output(o)), Some(p)) =
-                (record.kind.as_mut(), &stored.payload)
-            {
-                o.data = p.bytes().to_vec();
-            }
-            records.push(record);
+            records.push(stored.to_record());
         }
         Batch {
             records,
@@ -321,6 +336,49 @@ impl Journal {
             drop(g);
             self.freed.send_modify(|n| *n += 1);
         }
+    }
+
+    /// Record that the relay persisted every record up to `seq` (spill mode trims them).
+    pub fn persisted(&self, seq: u64) {
+        let mut g = self.lock();
+        let seq = seq.min(g.next_seq - 1);
+        if seq > g.persisted {
+            g.persisted = seq;
+            drop(g);
+            self.freed.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// The highest seq the relay persisted, and the first seq still held (what a spill
+    /// resumes from after a reconnect).
+    pub fn spill_state(&self) -> (u64, u64) {
+        let g = self.lock();
+        let first = g.records.front().map_or(g.next_seq, |r| r.record.seq);
+        (g.persisted, first)
+    }
+
+    /// Every record from `from` on, whether or not a client consumed it on its own (at most
+    /// `max_bytes` of payload, at least one record): what the relay persists.
+    pub fn read_raw(&self, from: u64, max_bytes: usize) -> Vec<Record> {
+        let g = self.lock();
+        let start = g
+            .records
+            .front()
+            .map(|r| from.saturating_sub(r.record.seq) as usize)
+            .unwrap_or(0);
+        let mut out = Vec::new();
+        let mut total = 0;
+        for stored in g.records.iter().skip(start) {
+            if stored.record.seq < from {
+                continue;
+            }
+            if !out.is_empty() && total + stored.size > max_bytes {
+                break;
+            }
+            total += stored.size;
+            out.push(stored.to_record());
+        }
+        out
     }
 
     /// Register a live reader positioned at `from`; trimming will not pass it.

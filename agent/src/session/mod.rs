@@ -175,6 +175,7 @@ impl Session {
             buffering: match self.journal.mode() {
                 Mode::Block => Buffering::Block,
                 Mode::Drop => Buffering::Drop,
+                Mode::Spill => Buffering::Spill,
             } as i32,
             created_unix: unix(self.created),
             last_output_unix: stats.last_output.map(unix).unwrap_or(0),

@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use base64::Engine;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::Digest;
@@ -108,35 +107,15 @@ pub fn load_or_generate(
 }
 
 fn generate(cert_path: &Path, key_path: &Path, host_name: &str) -> Result<(), TlsError> {
-    let mut names = vec![host_name.to_string(), "localhost".to_string()];
-    names.dedup();
-    let mut params =
-        rcgen::CertificateParams::new(names).map_err(|e| TlsError::Generate(e.to_string()))?;
-    for ip in ["127.0.0.1", "::1"] {
-        if let Ok(addr) = ip.parse() {
-            params
-                .subject_alt_names
-                .push(rcgen::SanType::IpAddress(addr));
-        }
-    }
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, host_name);
-    params.not_before = rcgen::date_time_ymd(2025, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2035, 1, 1);
-    let key = rcgen::KeyPair::generate().map_err(|e| TlsError::Generate(e.to_string()))?;
-    let cert = params
-        .self_signed(&key)
-        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    let (cert, key) = remote_proto::tls::self_signed(host_name).map_err(TlsError::Generate)?;
     // The key first, so a crash in between never leaves a certificate without its key.
-    paths::write_private_atomic(key_path, key.serialize_pem().as_bytes()).map_err(|source| {
+    paths::write_private_atomic(key_path, key.as_bytes()).map_err(|source| {
         TlsError::Write {
             path: key_path.to_path_buf(),
             source,
         }
     })?;
-    paths::write_private_atomic(cert_path, cert.pem().as_bytes()).map_err(|source| {
+    paths::write_private_atomic(cert_path, cert.as_bytes()).map_err(|source| {
         TlsError::Write {
             path: cert_path.to_path_buf(),
             source,
@@ -145,14 +124,7 @@ fn generate(cert_path: &Path, key_path: &Path, host_name: &str) -> Result<(), Tl
     Ok(())
 }
 
-/// `SHA256:<base64 without padding>` of a DER certificate.
-pub fn fingerprint(cert: &[u8]) -> String {
-    let digest = sha2::Sha256::digest(cert);
-    format!(
-        "SHA256:{}",
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
-    )
-}
+pub use remote_proto::tls::fingerprint;
 
 /// RFC 5929 `tls-server-end-point` channel-binding data: the certificate hashed with its
 /// signature's hash function, SHA-256 when that is MD5, SHA-1 or unknown.
