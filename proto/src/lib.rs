@@ -31,6 +31,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest frame accepted or sent, in bytes (length prefix excluded).
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 
+/// Bytes of frames an agent may send on a relay channel before the relay grants more
+/// (relay.proto `ChannelWindow`).
+pub const CHANNEL_WINDOW_BYTES: u64 = 4 << 20;
+
 /// Output chunks are cut to this size so that a record always fits in a frame.
 pub const MAX_CHUNK_BYTES: usize = 256 * 1024;
 

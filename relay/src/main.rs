@@ -1,7 +1,6 @@
-//! The `remote-relay` command line. So far the administration of the relay's store: join
-//! tokens for agents (`token create`), users and their tokens (`user add|list|rm`), and the
-//! agents that enrolled (`agent list|rm`). The relay server itself (`run`) comes with the rest
-//! of issue 5.
+//! The `remote-relay` command line: the relay server (`run`, the default) and the
+//! administration of its store: join tokens for agents (`token create`), users and their
+//! tokens (`user add|list|rm`), and the agents that enrolled (`agent list|rm`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,15 +13,17 @@ use remote_relay::store::Store;
 #[command(
     name = "remote-relay",
     version,
-    about = "The relay that remote agents dial out to: administration of its store"
+    about = "The relay that remote agents dial out to"
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve agents and clients (the default).
+    Run(RunArgs),
     /// Join tokens for agents.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -43,6 +44,27 @@ struct StoreArgs {
     /// Store URL: sqlite://PATH or postgres://… (default: SQLite in the data directory).
     #[arg(long, value_name = "URL", env = "REMOTE_RELAY_STORE")]
     store: Option<String>,
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// Address to listen on (agents and clients alike), HOST:PORT.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7443")]
+    listen: String,
+    /// TLS certificate and key (PEM); default: generated in the data directory on first
+    /// start.
+    #[arg(long, value_name = "FILE", requires = "key_file")]
+    cert_file: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    /// Connections served at once (agents' tunnels and clients').
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    max_connections: usize,
+    /// Name in the generated certificate (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[derive(Subcommand)]
@@ -98,11 +120,22 @@ enum AgentCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Bare `remote-relay` is `remote-relay run` with its defaults (and environment).
+    let command = match cli.command {
+        Some(c) => c,
+        None => match Cli::parse_from(["remote-relay", "run"]).command {
+            Some(c) => c,
+            None => unreachable_run(),
+        },
+    };
+    if matches!(command, Command::Run(_)) {
+        init_logging();
+    }
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")
-        .and_then(|rt| rt.block_on(dispatch(cli.command)));
+        .and_then(|rt| rt.block_on(dispatch(command)));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -112,8 +145,102 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `run` always parses into a command; this only satisfies the types.
+fn unreachable_run() -> Command {
+    eprintln!("remote-relay: internal error: `run` did not parse; use `remote-relay run`");
+    std::process::exit(2)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REMOTE_RELAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// `remote-relay run`: serve until SIGTERM or SIGINT.
+async fn run(args: RunArgs) -> Result<()> {
+    use remote_relay::server::{RelayServerHandle, Settings, Shared};
+    let listen: std::net::SocketAddr = args.listen.parse().with_context(|| {
+        format!(
+            "invalid --listen '{}': use HOST:PORT, e.g. 0.0.0.0:7443",
+            args.listen
+        )
+    })?;
+    let data_dir = args.store.data_dir.clone().unwrap_or_else(default_data_dir);
+    ensure_private_dir(&data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let name = args.name.clone().unwrap_or_else(host_name);
+    let given = args.cert_file.as_deref().zip(args.key_file.as_deref());
+    let identity = remote_relay::tls::load_or_generate(&data_dir, given, &name)?;
+    if identity.generated {
+        tracing::info!(
+            "generated TLS certificate {} ({})",
+            identity.cert_path.display(),
+            identity.fingerprint
+        );
+    }
+    let store = std::sync::Arc::new(open(&args.store).await?);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let shared = std::sync::Arc::new(Shared {
+        store: store.clone(),
+        registry: Default::default(),
+        fingerprint: identity.fingerprint.clone(),
+        shutdown: shutdown.clone(),
+    });
+    let server = RelayServerHandle::bind(
+        Settings {
+            listen,
+            max_connections: args.max_connections,
+            tls: identity.config.clone(),
+        },
+        shared,
+    )
+    .await?;
+    let addr = server.local_addr()?;
+    eprintln!(
+        "remote-relay: listening on {addr} (certificate {})",
+        identity.fingerprint
+    );
+    let task = tokio::spawn(server.run());
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    match tokio::time::timeout(Duration::from_secs(10), task).await {
+        Ok(Ok(r)) => r?,
+        Ok(Err(e)) => bail!("the relay server task failed: {e}"),
+        Err(_) => tracing::warn!("connections still open after 10 s; stopping anyway"),
+    }
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 async fn dispatch(command: Command) -> Result<()> {
     match command {
+        Command::Run(args) => run(args).await,
         Command::Token(TokenCommand::Create { agent, ttl, store }) => {
             if !agent {
                 bail!("say what the token is for: `remote-relay token create --agent`");

@@ -1,0 +1,253 @@
+//! The agent-facing service (relay.proto `AgentTunnel`): enrolment with a one-time join token,
+//! and the tunnel each agent holds open. On a tunnel the relay mirrors the agent's sessions
+//! into the store, persists the journal records the agent spills and acknowledges them
+//! (SpillAck) once they are durable, and routes channel traffic to the conversations.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use remote_proto::relay::agent_tunnel_server::AgentTunnel;
+use remote_proto::relay::{
+    AgentMessage, EnrolRequest, EnrolResponse, RelayHello, RelayMessage, SpillAck, SpillBatch,
+    agent_message, relay_message,
+};
+use remote_proto::session::SessionState;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::mirror;
+use crate::server::{Outbound, Shared, agent_of, outbound, store_status};
+use crate::tunnels::Tunnel;
+
+/// How long an agent has to say Hello on a new tunnel.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Spill batches queued per tunnel before the tunnel's reader waits for the store.
+const SPILL_QUEUE: usize = 16;
+/// How often an agent's last-seen time is written while its tunnel is up.
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
+/// Sessions one agent may report.
+const MAX_SESSIONS_PER_AGENT: usize = 10_000;
+
+pub struct AgentService {
+    pub shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl AgentTunnel for AgentService {
+    async fn enrol(&self, req: Request<EnrolRequest>) -> Result<Response<EnrolResponse>, Status> {
+        let req = req.into_inner();
+        let name = req.agent_name.trim();
+        let credential = self
+            .shared
+            .store
+            .redeem_join_token(req.join_token.trim(), name)
+            .await
+            .map_err(|e| {
+                tracing::warn!(agent = %name, "enrolment refused: {e}");
+                store_status(e)
+            })?;
+        tracing::info!(agent = %name, software = %req.software.chars().take(64).collect::<String>(), "agent enrolled");
+        Ok(Response::new(EnrolResponse {
+            credential,
+            relay_fingerprint: self.shared.fingerprint.clone(),
+        }))
+    }
+
+    type TunnelStream = Outbound<RelayMessage>;
+
+    async fn tunnel(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::TunnelStream>, Status> {
+        let agent = agent_of(&self.shared, req.metadata()).await?;
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(AgentMessage {
+                msg: Some(agent_message::Msg::Hello(h)),
+            }))) => h,
+            Ok(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "the first message of a tunnel must be AgentHello",
+                ));
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Status::deadline_exceeded("no AgentHello within 30 s")),
+        };
+        if hello.protocol_version != remote_proto::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not supported; this relay speaks version {}: use an agent of the same release",
+                hello.protocol_version,
+                remote_proto::PROTOCOL_VERSION
+            )));
+        }
+        let software: String = hello.software.chars().take(64).collect();
+        let (tunnel, to_agent) = self.shared.registry.register(&agent, &software);
+        let (out_tx, out_rx) = mpsc::channel(1);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            // The stream to the agent: what the tunnel queues, until it closes.
+            let mut to_agent = to_agent;
+            let closed = tunnel.closed.clone();
+            let forward = async {
+                while let Some(m) = to_agent.recv().await {
+                    if out_tx.send(Ok(m)).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let serve = serve_tunnel(shared.clone(), tunnel.clone(), hello, inbound);
+            let reason = tokio::select! {
+                r = serve => r,
+                () = forward => "the agent's stream ended".to_string(),
+                () = closed.cancelled() => "replaced by a newer connection".to_string(),
+                () = shared.shutdown.cancelled() => "the relay is shutting down".to_string(),
+            };
+            tracing::info!(agent = %tunnel.agent, "tunnel down: {reason}");
+            shared.registry.unregister(&tunnel, &reason);
+            let _ = shared.store.touch_agent(&tunnel.agent).await;
+        });
+        Ok(Response::new(outbound(out_rx)))
+    }
+}
+
+/// Serve one tunnel until the agent's stream ends; returns why it ended.
+async fn serve_tunnel(
+    shared: Arc<Shared>,
+    tunnel: Arc<Tunnel>,
+    hello: remote_proto::relay::AgentHello,
+    mut inbound: Streaming<AgentMessage>,
+) -> String {
+    let agent = tunnel.agent.clone();
+    let store = shared.store.clone();
+    tracing::info!(agent = %agent, software = %tunnel.software, sessions = hello.sessions.len(), "tunnel up");
+    let _ = store.touch_agent(&agent).await;
+
+    // The mirror: every session the agent holds; those it no longer holds are closed.
+    let mut mine: HashSet<String> = HashSet::new();
+    let mut persisted = std::collections::HashMap::new();
+    for info in hello.sessions.iter().take(MAX_SESSIONS_PER_AGENT) {
+        let row = mirror::session_row(&agent, info);
+        match store.upsert_session(&row).await {
+            Ok(()) => {
+                let stored = store
+                    .journal_state(&row.id)
+                    .await
+                    .map(|s| s.stored_seq)
+                    .unwrap_or(0);
+                persisted.insert(row.id.clone(), stored);
+                mine.insert(row.id);
+            }
+            Err(e) => tracing::warn!(agent = %agent, "session not mirrored: {e}"),
+        }
+    }
+    if let Ok(rows) = store.sessions_of_agent(&agent).await {
+        for row in rows {
+            if !mine.contains(&row.id) && row.state != SessionState::StateClosed as i32 {
+                let _ = store
+                    .set_session_state(&row.id, SessionState::StateClosed as i32)
+                    .await;
+            }
+        }
+    }
+    let relay_hello = relay_message::Msg::Hello(RelayHello {
+        protocol_version: remote_proto::PROTOCOL_VERSION,
+        persisted,
+    });
+    if !tunnel.send(relay_hello).await {
+        return "the tunnel closed during its greeting".into();
+    }
+
+    let (spill_tx, spill_rx) = mpsc::channel::<SpillBatch>(SPILL_QUEUE);
+    let spiller = tokio::spawn(persist_spills(shared.clone(), tunnel.clone(), spill_rx));
+    let mut touched = Instant::now();
+    let reason = loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break "the agent closed the tunnel".to_string(),
+            Err(e) => break format!("the tunnel broke: {}", e.message()),
+        };
+        let Some(msg) = msg.msg else { continue };
+        match msg {
+            agent_message::Msg::Channel(d) => {
+                if d.frame.len() > remote_proto::MAX_FRAME_BYTES {
+                    tunnel.closed_by_agent(d.channel, "the agent sent an oversized frame".into());
+                } else if !tunnel.deliver(d.channel, d.frame) {
+                    tracing::warn!(agent = %agent, channel = d.channel, "channel closed: the agent overran its window");
+                }
+            }
+            agent_message::Msg::Closed(c) => {
+                tunnel.closed_by_agent(c.channel, c.reason.chars().take(512).collect())
+            }
+            agent_message::Msg::Spill(batch) => {
+                if !mine.contains(&batch.session_id) {
+                    // Only sessions this agent reported; never another agent's.
+                    continue;
+                }
+                if spill_tx.send(batch).await.is_err() {
+                    break "the journal store failed".to_string();
+                }
+            }
+            agent_message::Msg::Session(update) => {
+                let Some(info) = update.session else { continue };
+                if update.removed {
+                    if mine.remove(&info.id) {
+                        let _ = store.delete_session(&info.id).await;
+                    }
+                    continue;
+                }
+                if !mine.contains(&info.id) && mine.len() >= MAX_SESSIONS_PER_AGENT {
+                    continue;
+                }
+                let row = mirror::session_row(&agent, &info);
+                match store.upsert_session(&row).await {
+                    Ok(()) => {
+                        mine.insert(row.id);
+                    }
+                    Err(e) => tracing::warn!(agent = %agent, "session not mirrored: {e}"),
+                }
+            }
+            agent_message::Msg::Keepalive(_) => {
+                if touched.elapsed() >= TOUCH_EVERY {
+                    touched = Instant::now();
+                    let _ = store.touch_agent(&agent).await;
+                }
+            }
+            agent_message::Msg::Hello(_) => {}
+        }
+    };
+    drop(spill_tx);
+    let _ = spiller.await;
+    reason
+}
+
+/// Persist spilled records in arrival order and acknowledge each batch once it is durable.
+async fn persist_spills(
+    shared: Arc<Shared>,
+    tunnel: Arc<Tunnel>,
+    mut rx: mpsc::Receiver<SpillBatch>,
+) {
+    while let Some(batch) = rx.recv().await {
+        let rows: Vec<_> = batch
+            .records
+            .iter()
+            .filter_map(mirror::record_row)
+            .collect();
+        match shared.store.append_records(&batch.session_id, &rows).await {
+            Ok(stored) => {
+                let ack = relay_message::Msg::SpillAck(SpillAck {
+                    session_id: batch.session_id,
+                    persisted_seq: stored,
+                });
+                if !tunnel.send(ack).await {
+                    break;
+                }
+            }
+            Err(e) => {
+                // Not acknowledged: the agent keeps the records and resends them after
+                // its next reconnect.
+                tracing::error!(agent = %tunnel.agent, session = %batch.session_id, "spilled records not stored: {e}");
+            }
+        }
+    }
+}
