@@ -143,6 +143,7 @@ pub struct Overrides {
     pub allow_unencrypted: bool,
     pub relay: Option<String>,
     pub relay_fingerprint: Option<String>,
+    pub join_token: Option<String>,
 }
 
 /// Resolved settings of the relay link.
@@ -153,6 +154,8 @@ pub struct RelaySettings {
     /// The host name, for TLS and messages.
     pub host: String,
     pub fingerprint: Option<String>,
+    /// The one-time join token, while the agent has no credential yet.
+    pub join_token: Option<String>,
 }
 
 /// Default port of `remote-relay`.
@@ -199,6 +202,7 @@ pub fn parse_relay_url(url: &str) -> Result<RelaySettings, ConfigError> {
         addr,
         host,
         fingerprint: None,
+        join_token: None,
     })
 }
 
@@ -330,6 +334,7 @@ impl FileConfig {
             Some(url) if !url.eq_ignore_ascii_case("off") && !url.is_empty() => {
                 let mut r = parse_relay_url(&url)?;
                 r.fingerprint = flags.relay_fingerprint.clone().or(self.relay.fingerprint);
+                r.join_token = flags.join_token.clone();
                 Some(r)
             }
             _ => None,

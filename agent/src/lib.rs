@@ -1,6 +1,6 @@
 //! `remote-agent`: the agent that runs on every server. It accepts commands over its
-//! built-in SSH server (and, later, WinRM and a relay tunnel), authenticates them against its
-//! own accounts, and runs them as the account's OS user.
+//! built-in SSH server, WinRM and a tunnel to a relay, authenticates them against its own
+//! accounts, and runs them as the account's OS user.
 
 pub mod accounts;
 pub mod config;
@@ -9,6 +9,7 @@ pub mod local;
 pub mod login;
 pub mod paths;
 pub mod process;
+pub mod relay_link;
 pub mod session;
 pub mod sftp;
 pub mod ssh;

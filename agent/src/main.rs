@@ -85,6 +85,15 @@ struct RunArgs {
     /// plain HTTP): only on networks where nobody can listen in.
     #[arg(long)]
     allow_unencrypted: bool,
+    /// Dial out to this relay, HOST[:PORT] (default port 7443), or 'off'.
+    #[arg(long, value_name = "URL")]
+    relay: Option<String>,
+    /// One-time join token from `remote-relay token create --agent` (first start only).
+    #[arg(long, value_name = "TOKEN", env = "REMOTE_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// The relay's certificate fingerprint, SHA256:… (default: pinned on first contact).
+    #[arg(long, value_name = "SHA256:…")]
+    relay_fingerprint: Option<String>,
 }
 
 #[derive(Args)]
@@ -183,6 +192,9 @@ fn dispatch(command: Command) -> Result<()> {
                     winrm_http: args.winrm_http.clone(),
                     winrm_https: args.winrm_https.clone(),
                     allow_unencrypted: args.allow_unencrypted,
+                    relay: args.relay.clone(),
+                    relay_fingerprint: args.relay_fingerprint.clone(),
+                    join_token: args.join_token.clone(),
                     ..Default::default()
                 },
             )?;
@@ -271,9 +283,13 @@ async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
         );
     }
     let shutdown = CancellationToken::new();
-    if config.ssh.is_none() && config.socket.is_none() && config.winrm.is_none() {
+    if config.ssh.is_none()
+        && config.socket.is_none()
+        && config.winrm.is_none()
+        && config.relay.is_none()
+    {
         bail!(
-            "no listener is enabled (--ssh off, --socket off, --winrm-http off, --winrm-https off): nothing to serve. Give --ssh HOST:PORT"
+            "no listener is enabled (--ssh off, --socket off, --winrm-http off, --winrm-https off) and no --relay: nothing to serve. Give --ssh HOST:PORT"
         );
     }
     let sessions_root = config.state_dir.join("sessions");
@@ -306,6 +322,22 @@ async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
         None => (None, None),
     };
     let reaper = tokio::spawn(sessions.clone().run_reaper(shutdown.clone()));
+    let mut link = config.relay.clone().map(|settings| {
+        eprintln!("remote-agent: dialing out to relay {}", settings.addr);
+        let join_token = settings.join_token.clone();
+        tokio::spawn(
+            remote_agent::relay_link::RelayLink {
+                settings,
+                name: config.name.clone(),
+                state_dir: config.state_dir.clone(),
+                join_token,
+                host: sessions.clone(),
+                accounts: AccountDb::new(store.clone()),
+                shutdown: shutdown.clone(),
+            }
+            .run(),
+        )
+    });
     tracing::info!(name = %config.name, state_dir = %config.state_dir.display(), "remote-agent started");
     let server_task = match server {
         Some(server) => {
@@ -325,9 +357,18 @@ async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
         }
         None => None,
     };
-    wait_for_signal().await?;
+    let link_failed = tokio::select! {
+        r = wait_for_signal() => { r?; None }
+        Ok(Err(e)) = async { match link.as_mut() { Some(l) => l.await, None => std::future::pending().await } } => Some(e),
+    };
     tracing::info!("shutting down");
     shutdown.cancel();
+    if let Some(e) = link_failed {
+        bail!(e);
+    }
+    if let Some(link) = link {
+        let _ = link.await;
+    }
     if let Some(task) = server_task {
         task.await.context("ssh server task failed")?;
     }

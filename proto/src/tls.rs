@@ -162,6 +162,39 @@ impl ServerCertVerifier for PinnedCert {
     }
 }
 
+/// A gRPC channel to `addr` (`host:port`, for the URI only) over the streams `connect`
+/// makes (TCP plus TLS, each caller with its own trust rules), with HTTP/2 keepalives that
+/// notice a dead peer within a minute. Connects once before returning.
+pub async fn grpc_channel<F, Fut, S>(
+    addr: &str,
+    connect: F,
+) -> Result<tonic::transport::Channel, tonic::transport::Error>
+where
+    F: Fn() -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = std::io::Result<S>> + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .keep_alive_timeout(std::time::Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
+    let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
+        let connect = connect.clone();
+        async move { connect().await.map(hyper_util::rt::TokioIo::new) }
+    });
+    endpoint.connect_with_connector(connector).await
+}
+
+/// The innermost cause of an error: what a person needs from a transport error chain.
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

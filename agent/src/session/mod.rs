@@ -480,6 +480,16 @@ impl SessionHost {
         list
     }
 
+    /// Every session, whoever owns it (the relay link mirrors them all).
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.map().values().cloned().collect()
+    }
+
+    /// Session `id`, whoever owns it; for the agent's own bookkeeping, never for a client.
+    pub fn find(&self, id: &str) -> Option<Arc<Session>> {
+        self.map().get(id).cloned()
+    }
+
     pub fn close(&self, who: &Principal, id: &str) -> Result<(), SessionError> {
         let session = self.get(who, id)?;
         self.remove(&session, "closed by its owner");
