@@ -158,46 +158,13 @@ pub struct RelaySettings {
     pub join_token: Option<String>,
 }
 
-/// Default port of `remote-relay`.
-pub const DEFAULT_RELAY_PORT: u16 = 7443;
-
-/// Parse a relay address: `HOST`, `HOST:PORT`, `[V6]:PORT`, optionally `https://`-prefixed.
+/// Parse a relay address: `HOST[:PORT]` or `https://HOST[:PORT]` (port 7443).
 pub fn parse_relay_url(url: &str) -> Result<RelaySettings, ConfigError> {
-    let bad = || ConfigError::Invalid {
+    let (host, addr) = remote_proto::parse_relay_addr(url).ok_or_else(|| ConfigError::Invalid {
         what: "relay url",
         value: url.to_string(),
         expected: "HOST[:PORT] or https://HOST[:PORT] (default port 7443)",
-    };
-    let rest = url
-        .trim()
-        .strip_prefix("https://")
-        .or_else(|| url.trim().strip_prefix("relay://"))
-        .unwrap_or(url.trim())
-        .trim_end_matches('/');
-    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
-        return Err(bad());
-    }
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (h, tail) = v6.split_once(']').ok_or_else(bad)?;
-        match tail.strip_prefix(':') {
-            Some(p) => (h.to_string(), p.parse::<u16>().map_err(|_| bad())?),
-            None if tail.is_empty() => (h.to_string(), DEFAULT_RELAY_PORT),
-            None => return Err(bad()),
-        }
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), p.parse::<u16>().map_err(|_| bad())?),
-            None => (rest.to_string(), DEFAULT_RELAY_PORT),
-        }
-    };
-    if host.is_empty() || port == 0 {
-        return Err(bad());
-    }
-    let addr = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
+    })?;
     Ok(RelaySettings {
         addr,
         host,

@@ -89,7 +89,12 @@ struct RunArgs {
     #[arg(long, value_name = "URL")]
     relay: Option<String>,
     /// One-time join token from `remote-relay token create --agent` (first start only).
-    #[arg(long, value_name = "TOKEN", env = "REMOTE_JOIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "REMOTE_JOIN_TOKEN",
+        hide_env_values = true
+    )]
     join_token: Option<String>,
     /// The relay's certificate fingerprint, SHA256:… (default: pinned on first contact).
     #[arg(long, value_name = "SHA256:…")]

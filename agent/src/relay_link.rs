@@ -254,9 +254,15 @@ impl RelayLink {
         let connect = move || {
             let (addr, host, config) = (addr.clone(), host.clone(), config.clone());
             async move {
-                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr))
-                    .await
-                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connection timed out"))??;
+                let tcp =
+                    tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr))
+                        .await
+                        .map_err(|_| {
+                            std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "connection timed out",
+                            )
+                        })??;
                 let _ = tcp.set_nodelay(true);
                 let name = rustls::pki_types::ServerName::try_from(host)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -265,7 +271,9 @@ impl RelayLink {
                     tokio_rustls::TlsConnector::from(config).connect(name, tcp),
                 )
                 .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+                })?
             }
         };
         let result = remote_proto::tls::grpc_channel(&self.settings.addr, connect).await;
@@ -333,16 +341,11 @@ struct Tunnel<'l> {
     stop: CancellationToken,
 }
 
+/// A served channel. Dropping it ends the channel's input: the session conversation
+/// handles what was queued, then ends on its own.
 struct ChannelHandle {
     input: mpsc::Sender<Vec<u8>>,
     window: Arc<Semaphore>,
-    stop: CancellationToken,
-}
-
-impl Drop for ChannelHandle {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
 }
 
 impl Tunnel<'_> {
@@ -363,7 +366,7 @@ impl Tunnel<'_> {
         loop {
             tokio::select! {
                 m = inbound.message() => match m {
-                    Ok(Some(m)) => self.from_relay(m).await?,
+                    Ok(Some(m)) => self.on_relay_message(m).await?,
                     Ok(None) => return Err(self.link.err("the relay closed the tunnel")),
                     Err(s) => return Err(self.link.err(format!("the tunnel broke: {}", s.message()))),
                 },
@@ -377,7 +380,7 @@ impl Tunnel<'_> {
         }
     }
 
-    async fn from_relay(&mut self, m: RelayMessage) -> Result<(), LinkError> {
+    async fn on_relay_message(&mut self, m: RelayMessage) -> Result<(), LinkError> {
         let Some(msg) = m.msg else { return Ok(()) };
         match msg {
             relay_message::Msg::Open(o) => self.open_channel(o.channel, &o.user).await?,
@@ -430,9 +433,7 @@ impl Tunnel<'_> {
         };
         let (ours, theirs) = tokio::io::duplex(256 * 1024);
         let stop = self.stop.child_token();
-        let window = Arc::new(Semaphore::new(
-            remote_proto::CHANNEL_WINDOW_BYTES as usize,
-        ));
+        let window = Arc::new(Semaphore::new(remote_proto::CHANNEL_WINDOW_BYTES as usize));
         let (input_tx, mut input_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_INPUT_QUEUE);
         let host = self.link.host.clone();
         let server = tokio::spawn(crate::wire::serve(host, principal, theirs));
@@ -450,6 +451,10 @@ impl Tunnel<'_> {
                 let _ = wr.shutdown().await;
                 // The client left; keep reading until the session side finishes.
                 std::future::pending::<()>().await;
+            };
+            // The tunnel ended: stop at once (the relay forgot the channel).
+            let tunnel_end = async {
+                st.cancelled().await;
             };
             // Session → relay, within the window the relay grants.
             let reader = async {
@@ -479,7 +484,7 @@ impl Tunnel<'_> {
                     let _ = tx.send(AgentMessage { msg: Some(msg) }).await;
                 }
                 () = writer => {}
-                () = st.cancelled() => {}
+                () = tunnel_end => {}
             }
             server.abort();
         });
@@ -488,7 +493,6 @@ impl Tunnel<'_> {
             ChannelHandle {
                 input: input_tx,
                 window,
-                stop,
             },
         );
         Ok(())
@@ -506,7 +510,10 @@ impl Tunnel<'_> {
                 tokio::spawn(spill(s.clone(), self.tx.clone(), stop.clone()));
                 self.spills.insert(info.id.clone(), stop);
             }
-            let changed = self.mirror.get(&info.id).is_none_or(|old| differs(old, &info));
+            let changed = self
+                .mirror
+                .get(&info.id)
+                .is_none_or(|old| differs(old, &info));
             if changed {
                 self.mirror.insert(info.id.clone(), info.clone());
                 self.send(agent_message::Msg::Session(SessionUpdate {

@@ -51,6 +51,11 @@ pub fn winrm_known_hosts_file() -> PathBuf {
     config_dir().join("winrm_known_hosts")
 }
 
+/// Relay certificates trusted on first use (same format as winrm_known_hosts).
+pub fn relay_known_hosts_file() -> PathBuf {
+    config_dir().join("relay_known_hosts")
+}
+
 /// Hosts to which Basic authentication may go over plain HTTP (WinRM's `TrustedHosts`).
 pub fn trusted_hosts_file() -> PathBuf {
     config_dir().join("trusted_hosts")

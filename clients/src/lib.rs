@@ -22,6 +22,7 @@ pub mod follow;
 pub mod known_hosts;
 pub mod net;
 pub mod output;
+pub mod relay;
 pub mod run;
 pub mod session;
 pub mod shell;

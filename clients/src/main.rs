@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use remote_client::auth::{CredentialOptions, Credentials};
 use remote_client::known_hosts::KnownHosts;
 use remote_client::output::{Output, Stream};
+use remote_client::relay::{RelayClient, RelayOptions};
 use remote_client::run::{self, Clients, Interrupt, OutputMode, RunOptions};
 use remote_client::session::{self, SessionChannel, SessionRef};
 use remote_client::ssh::{Client, ClientOptions};
@@ -85,6 +86,10 @@ struct GlobalArgs {
     /// prints it at start: SHA256:<base64>).
     #[arg(long, value_name = "SHA256:...", global = true)]
     fingerprint: Option<String>,
+    /// The relay for relay://AGENT targets and for sessions not opened from this machine,
+    /// HOST[:PORT] (default port 7443). Your token goes in REMOTE_TOKEN.
+    #[arg(long, value_name = "HOST[:PORT]", global = true, env = "REMOTE_RELAY")]
+    relay: Option<String>,
 }
 
 fn parse_auth(s: &str) -> Result<AuthMethod, String> {
@@ -261,7 +266,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Shell(args) => shell_command(&cli.global, args).await,
         Command::Session(cmd) => session_command(&cli.global, cmd).await,
         Command::Exec(args) => {
-            let sref = SessionRef::parse(&args.session)?;
+            let sref = session_ref(&cli.global, &args.session)?;
             let forward = !args.no_stdin && !cli.global.password_stdin;
             let command = String::from_utf8_lossy(&run::command_line(&args.command)).into_owned();
             if sref.target.is_winrm() {
@@ -273,49 +278,102 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 };
                 return Ok(code);
             }
-            with_session(&cli.global, &sref.target, "exec", async |ch| {
-                if args.detach {
-                    follow::start(ch, &sref.id, &command).await
-                } else {
-                    follow::exec(ch, &sref.id, &command, forward).await
-                }
-            })
+            with_session(
+                &cli.global,
+                &sref.target,
+                "exec",
+                Some(&sref.id),
+                async |ch| {
+                    if args.detach {
+                        follow::start(ch, &sref.id, &command).await
+                    } else {
+                        follow::exec(ch, &sref.id, &command, forward).await
+                    }
+                },
+            )
             .await
         }
         Command::Attach(args) => {
-            let sref = SessionRef::parse(&args.session)?;
+            let sref = session_ref(&cli.global, &args.session)?;
             sref.target.require_ssh("attach")?;
             restore_terminal_on_termination()?;
-            with_session(&cli.global, &sref.target, "attach", async |ch| {
-                follow::attach(ch, &sref.id).await
-            })
+            with_session(
+                &cli.global,
+                &sref.target,
+                "attach",
+                Some(&sref.id),
+                async |ch| follow::attach(ch, &sref.id).await,
+            )
             .await
         }
         Command::Receive(args) => {
-            let sref = SessionRef::parse(&args.session)?;
+            let sref = session_ref(&cli.global, &args.session)?;
             if sref.target.is_winrm() {
                 let clients = make_clients(&cli.global).await?;
                 return Ok(follow::winrm_receive(&clients.winrm, &sref).await?);
             }
-            with_session(&cli.global, &sref.target, "receive", async |ch| {
-                follow::receive(ch, &sref.id).await
-            })
+            with_session(
+                &cli.global,
+                &sref.target,
+                "receive",
+                Some(&sref.id),
+                async |ch| follow::receive(ch, &sref.id).await,
+            )
             .await
         }
     }
 }
 
-/// Connect to `target`, open its session channel, and run `f` on it (`remote COMMAND`, SSH).
+/// A session as named on the command line: `TARGET/ID`, an id recorded on this machine, or
+/// (with a relay configured) any id of the caller's, which the relay resolves.
+fn session_ref(global: &GlobalArgs, text: &str) -> Result<SessionRef> {
+    match SessionRef::parse(text) {
+        Err(session::SessionError::Unknown(id)) if relay_options(global).configured() => {
+            Ok(session::SessionRef {
+                target: Target::parse("relay://relay")?,
+                id,
+            })
+        }
+        other => Ok(other?),
+    }
+}
+
+/// How to reach the relay, from --relay / REMOTE_RELAY, REMOTE_TOKEN and the TLS options.
+fn relay_options(global: &GlobalArgs) -> RelayOptions {
+    RelayOptions {
+        address: global.relay.clone(),
+        token: std::env::var("REMOTE_TOKEN").ok(),
+        ca: global.ca.clone(),
+        fingerprint: global.fingerprint.clone(),
+        connect_timeout: Duration::from_secs(global.connect_timeout),
+        known_hosts: config::relay_known_hosts_file(),
+    }
+}
+
+/// Connect to `target`, open its session channel, and run `f` on it (`remote COMMAND`, over
+/// SSH or through the relay). Through the relay, a conversation about session `session` is
+/// addressed by the session (the relay finds its agent and checks it is the caller's).
 async fn with_session<F>(
     global: &GlobalArgs,
     target: &Target,
     command: &'static str,
+    session: Option<&str>,
     f: F,
 ) -> Result<i32>
 where
     F: AsyncFnOnce(&mut SessionChannel) -> Result<i32, session::SessionError>,
 {
     target.require_ssh(command)?;
+    if target.is_relay() {
+        let client = RelayClient::connect(&relay_options(global), command).await?;
+        let mut ch = match session {
+            Some(id) => SessionChannel::over_relay(&client, "", id).await?,
+            None => SessionChannel::over_relay(&client, &target.host, "").await?,
+        };
+        let result = f(&mut ch).await;
+        ch.close().await;
+        return Ok(result?);
+    }
     let client = make_client(global).await?;
     let conn = client.connect(target).await?;
     let mut ch = SessionChannel::open(&conn).await?;
@@ -337,7 +395,8 @@ async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32
                 None => Buffering::Default,
                 Some("block") => Buffering::Block,
                 Some("drop") => Buffering::Drop,
-                Some(other) => anyhow::bail!("--buffering {other}: use block or drop"),
+                Some("spill") => Buffering::Spill,
+                Some(other) => anyhow::bail!("--buffering {other}: use block, drop or spill"),
             };
             let (cols, rows) = terminal::window_size().unwrap_or((80, 24));
             let open = OpenSession {
@@ -356,7 +415,7 @@ async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32
                 attach: false,
             };
             let spec = target.spec.clone();
-            with_session(global, &target, "session new", async |ch| {
+            with_session(global, &target, "session new", None, async |ch| {
                 let reply = ch.request(client_frame::Msg::Open(open)).await?;
                 let Some(server_frame::Msg::Opened(o)) = reply.msg else {
                     return Err(session::SessionError::Protocol {
@@ -366,8 +425,13 @@ async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32
                 };
                 let info = o.session.unwrap_or_default();
                 session::record(&info.id, &spec)?;
+                let elsewhere = if spec.starts_with("relay://") {
+                    format!("REMOTE_RELAY=… remote attach {}", info.id)
+                } else {
+                    format!("remote attach {spec}/{}", info.id)
+                };
                 remote_client::notice(&format!(
-                    "opened session {id} on {spec}; from another machine: remote attach {spec}/{id}",
+                    "opened session {id} on {spec}; from another machine: {elsewhere}",
                     id = info.id
                 ));
                 println!("{}", info.id);
@@ -377,7 +441,13 @@ async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32
         }
         SessionCommand::List { target } => {
             if let Some(t) = &target {
-                Target::parse(t)?.require_ssh("session list")?;
+                let parsed = Target::parse(t)?;
+                parsed.require_ssh("session list")?;
+                if parsed.is_relay() {
+                    return relay_session_list(global, &parsed.host).await;
+                }
+            } else if relay_options(global).configured() {
+                return relay_session_list(global, "").await;
             }
             let mut winrm_recorded = Vec::new();
             let targets: Vec<String> = match target {
@@ -417,7 +487,7 @@ async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32
             let mut failed = 0;
             for t in &targets {
                 let target = Target::parse(t)?;
-                let listed = with_session(global, &target, "session list", async |ch| {
+                let listed = with_session(global, &target, "session list", None, async |ch| {
                     let reply = ch.request(client_frame::Msg::List(ListSessions {})).await?;
                     if let Some(server_frame::Msg::Sessions(l)) = reply.msg {
                         for s in l.sessions {
@@ -436,7 +506,7 @@ async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32
             Ok(if failed > 0 { 255 } else { 0 })
         }
         SessionCommand::Rm(args) => {
-            let sref = SessionRef::parse(&args.session)?;
+            let sref = session_ref(global, &args.session)?;
             if sref.target.is_winrm() {
                 let clients = make_clients(global).await?;
                 let mut conn = clients.winrm.connect(&sref.target).await?;
@@ -454,18 +524,44 @@ async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32
                 return Ok(0);
             }
             let id = sref.id.clone();
-            let code = with_session(global, &sref.target, "session rm", async |ch| {
-                ch.request(client_frame::Msg::Close(CloseSession {
-                    session_id: id.clone(),
-                }))
-                .await?;
-                Ok(0)
-            })
+            let code = with_session(
+                global,
+                &sref.target,
+                "session rm",
+                Some(&sref.id),
+                async |ch| {
+                    ch.request(client_frame::Msg::Close(CloseSession {
+                        session_id: id.clone(),
+                    }))
+                    .await?;
+                    Ok(0)
+                },
+            )
             .await?;
             session::forget(&sref.id);
             Ok(code)
         }
     }
+}
+
+/// `remote session list` through the relay: the caller's sessions on every agent (or one),
+/// including those of agents that are offline, whose output the relay still serves.
+async fn relay_session_list(global: &GlobalArgs, agent: &str) -> Result<i32> {
+    let client = RelayClient::connect(&relay_options(global), "session list").await?;
+    let rows: Vec<(String, SessionInfo)> = client
+        .list_sessions(agent)
+        .await?
+        .into_iter()
+        .map(|r| {
+            let online = if r.agent_online { "online" } else { "offline" };
+            (
+                format!("relay://{} ({online})", r.agent),
+                r.session.unwrap_or_default(),
+            )
+        })
+        .collect();
+    print_sessions(&rows);
+    Ok(0)
 }
 
 fn print_sessions(rows: &[(String, SessionInfo)]) {
@@ -486,8 +582,8 @@ fn print_sessions(rows: &[(String, SessionInfo)]) {
         }
     };
     println!(
-        "{:<16}  {:<16}  {:<8}  {:<12}  {:>7}  {:>8}  {:<9}  {:<11}  TARGET",
-        "ID", "NAME", "SHAPE", "STATE", "CLIENTS", "COMMANDS", "CREATED", "LAST OUTPUT"
+        "{:<16}  {:<16}  {:<10}  {:<8}  {:<12}  {:>7}  {:>8}  {:<9}  {:<11}  TARGET",
+        "ID", "NAME", "OWNER", "SHAPE", "STATE", "CLIENTS", "COMMANDS", "CREATED", "LAST OUTPUT"
     );
     for (target, s) in rows {
         let shape = if s.shape == Shape::Terminal as i32 {
@@ -504,9 +600,10 @@ fn print_sessions(rows: &[(String, SessionInfo)]) {
         };
         let name = if s.name == s.id { "-" } else { s.name.as_str() };
         println!(
-            "{:<16}  {:<16}  {:<8}  {:<12}  {:>7}  {:>8}  {:<9}  {:<11}  {}",
+            "{:<16}  {:<16}  {:<10}  {:<8}  {:<12}  {:>7}  {:>8}  {:<9}  {:<11}  {}",
             s.id,
             name,
+            s.owner,
             shape,
             state,
             s.attached_clients,
@@ -569,7 +666,11 @@ async fn make_clients(global: &GlobalArgs) -> Result<Clients> {
             trusted_hosts: config::trusted_hosts_file(),
         },
     ));
-    Ok(Clients { ssh, winrm })
+    Ok(Clients {
+        ssh,
+        winrm,
+        relay: None,
+    })
 }
 
 async fn make_client(global: &GlobalArgs) -> Result<Arc<Client>> {
@@ -635,7 +736,11 @@ async fn run_command(global: &GlobalArgs, args: RunArgs) -> Result<i32> {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let clients = make_clients(global).await?;
+    let mut clients = make_clients(global).await?;
+    if targets.iter().any(|t| t.is_relay()) {
+        clients.relay =
+            Some(RelayClient::connect(&relay_options(global), "a relay:// target").await?);
+    }
     let interrupt = Interrupt::new();
     handle_signals(interrupt.clone())?;
     let output = Output::start();
@@ -694,6 +799,9 @@ async fn run_command(global: &GlobalArgs, args: RunArgs) -> Result<i32> {
 async fn shell_command(global: &GlobalArgs, args: ShellArgs) -> Result<i32> {
     let target = Target::parse(&args.target)?;
     target.require_ssh("shell")?;
+    if target.is_relay() {
+        return relay_shell(global, &target).await;
+    }
     let client = make_client(global).await?;
     let interrupt = Interrupt::new();
     handle_signals(interrupt.clone())?;
@@ -708,6 +816,54 @@ async fn shell_command(global: &GlobalArgs, args: ShellArgs) -> Result<i32> {
             Ok(255)
         }
     }
+}
+
+/// `remote shell relay://AGENT`: a terminal session on the agent, attached at once; when
+/// its shell exits the session is removed, and a detached one keeps running.
+async fn relay_shell(global: &GlobalArgs, target: &Target) -> Result<i32> {
+    restore_terminal_on_termination()?;
+    let (cols, rows) = terminal::window_size().unwrap_or((80, 24));
+    let open = OpenSession {
+        shape: Shape::Terminal as i32,
+        size: Some(TerminalSize { rows, cols }),
+        term: std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
+        ..Default::default()
+    };
+    let spec = target.spec.clone();
+    let code = with_session(global, target, "shell", None, async |ch| {
+        let reply = ch.request(client_frame::Msg::Open(open)).await?;
+        let Some(server_frame::Msg::Opened(o)) = reply.msg else {
+            return Err(session::SessionError::Protocol {
+                addr: ch.addr().to_string(),
+                detail: "no answer to open".into(),
+            });
+        };
+        let id = o.session.map(|s| s.id).unwrap_or_default();
+        session::record(&id, &spec)?;
+        let code = follow::attach(ch, &id).await?;
+        let listed = ch.request(client_frame::Msg::List(ListSessions {})).await?;
+        let running = match listed.msg {
+            Some(server_frame::Msg::Sessions(l)) => l
+                .sessions
+                .iter()
+                .any(|s| s.id == id && s.running_commands > 0),
+            _ => false,
+        };
+        if running {
+            remote_client::notice(&format!("session {id} keeps running: remote attach {id}"));
+        } else {
+            let _ = ch
+                .request(client_frame::Msg::Close(CloseSession {
+                    session_id: id.clone(),
+                }))
+                .await;
+            session::forget(&id);
+        }
+        Ok(code)
+    })
+    .await;
+    let _ = terminal::restore();
+    code
 }
 
 /// Ctrl+C goes to the remote commands (INT); a second one within 2 s, or one before any

@@ -1,6 +1,7 @@
 //! `remote run`: one command on many targets at once. Each target gets its own tokio task
 //! and connection (SSH, or WinRM for `winrm://`/`winrms://` targets: a shell of its own,
-//! deleted after the command); a semaphore keeps at most `throttle` of them going. With one target
+//! deleted after the command; `relay://AGENT` targets share one connection to the relay,
+//! which runs the command there in a session of its own); a semaphore keeps at most `throttle` of them going. With one target
 //! the output passes through unchanged and stdin is forwarded; with several, every line is
 //! prefixed `label: ` and stdin is not read (the commands see EOF at once); `--json`
 //! collects everything into one JSON object per target instead.
@@ -24,6 +25,7 @@ use thiserror::Error;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::output::{LinePrefixer, Output, Stream};
+use crate::relay::{RelayClient, RelayError};
 use crate::ssh::{Client, Exit, ProcessEvent, ProcessInput, SshError};
 use crate::target::Target;
 use crate::winrm::{self, WinrmError};
@@ -35,6 +37,14 @@ pub enum RunError {
     Ssh(#[from] SshError),
     #[error(transparent)]
     Winrm(#[from] WinrmError),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
+    #[error("{agent} (via relay): {message}")]
+    RelayRun { agent: String, message: String },
+    #[error(
+        "{agent} (via relay): interrupted before the command ended; it may still be running there"
+    )]
+    RelayInterrupted { agent: String },
 }
 
 /// The clients for each transport, shared by all targets.
@@ -42,6 +52,8 @@ pub enum RunError {
 pub struct Clients {
     pub ssh: Arc<Client>,
     pub winrm: Arc<winrm::Client>,
+    /// The relay, when a target is `relay://`.
+    pub relay: Option<RelayClient>,
 }
 
 /// How output is shown.
@@ -286,6 +298,8 @@ impl Job {
             self.drive_winrm(&target, &mut stdout, &mut stderr)
                 .await
                 .map_err(RunError::from)
+        } else if target.is_relay() {
+            self.drive_relay(&target, &mut stdout, &mut stderr).await
         } else {
             self.drive(&target, &mut stdout, &mut stderr)
                 .await
@@ -422,6 +436,99 @@ impl Job {
         process.finish()
     }
 
+    /// Through the relay: the command in a session of its own on the agent, its output and
+    /// exit streamed back. Local stdin (one target) is read to its end first and given to
+    /// the command; an interrupt stops following (the relay's Run has no signal).
+    async fn drive_relay(
+        &self,
+        target: &Target,
+        stdout: &mut Vec<u8>,
+        stderr: &mut Vec<u8>,
+    ) -> Result<Exit, RunError> {
+        use remote_proto::relay::run_event::Event;
+        use remote_proto::session::Stream as S;
+        let agent = target.host.clone();
+        let Some(client) = &self.clients.relay else {
+            return Err(RelayError::NoRelay {
+                what: format!("target {}", target.spec),
+            }
+            .into());
+        };
+        let mut stdin = Vec::new();
+        if self.forward_stdin && !crate::terminal::stdin_is_tty() {
+            let mut chunks = stdin_chunks();
+            while let Some(c) = chunks.recv().await {
+                stdin.extend_from_slice(&c);
+                if stdin.len() > MAX_RELAY_STDIN {
+                    return Err(RunError::RelayRun {
+                        agent,
+                        message: format!(
+                            "stdin is larger than {} MiB, the most a relay run takes: copy the data there first",
+                            MAX_RELAY_STDIN >> 20
+                        ),
+                    });
+                }
+            }
+        }
+        let line = String::from_utf8_lossy(&self.command).into_owned();
+        let mut intr = self.interrupt.subscribe();
+        let mut events = client.run(&agent, &line, stdin).await?;
+        self.interrupt.command_started();
+        let mut prefixer = LinePrefixer::new(&target.label());
+        let exit = loop {
+            let ev = tokio::select! {
+                m = events.message() => m,
+                Ok(()) = intr.changed() => {
+                    return Err(RunError::RelayInterrupted { agent });
+                }
+            };
+            let ev = match ev {
+                Ok(Some(ev)) => ev,
+                Ok(None) => {
+                    break Err(RunError::RelayRun {
+                        agent: agent.clone(),
+                        message: "the relay ended the run without the command's exit".into(),
+                    });
+                }
+                Err(s) => break Err(client.stream_error(s).into()),
+            };
+            match ev.event {
+                Some(Event::Output(o)) => {
+                    let data = Bytes::from(o.data);
+                    let event = if o.stream == S::Stderr as i32 {
+                        ProcessEvent::Stderr(data)
+                    } else {
+                        ProcessEvent::Stdout(data)
+                    };
+                    self.emit(event, &mut prefixer, stdout, stderr).await;
+                }
+                Some(Event::Exit(e)) => {
+                    break Ok(if e.signal.is_empty() {
+                        Exit::Code(e.code.clamp(0, 255) as u32)
+                    } else {
+                        Exit::Signal {
+                            name: e.signal,
+                            core_dumped: false,
+                        }
+                    });
+                }
+                Some(Event::Error(e)) => {
+                    break Err(RunError::RelayRun {
+                        agent: agent.clone(),
+                        message: if e.hint.is_empty() {
+                            e.message
+                        } else {
+                            format!("{}: {}", e.message, e.hint)
+                        },
+                    });
+                }
+                None => {}
+            }
+        };
+        self.finish_lines(&mut prefixer).await;
+        exit
+    }
+
     /// Show or collect one piece of output.
     async fn emit(
         &self,
@@ -459,6 +566,9 @@ impl Job {
         }
     }
 }
+
+/// Most stdin a relay run takes (it travels in the one request).
+const MAX_RELAY_STDIN: usize = 1 << 20;
 
 /// Copy local stdin to the remote command, then send EOF.
 pub fn forward_stdin(input: ProcessInput) {

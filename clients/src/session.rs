@@ -1,5 +1,6 @@
 //! Persistent sessions from the client's side: the session protocol
-//! (proto/session.proto) on the agent's `remote` SSH subsystem ([`SessionChannel`]), how a
+//! (proto/session.proto) on the agent's `remote` SSH subsystem or through a relay
+//! conversation ([`SessionChannel`]), how a
 //! session is named on the command line ([`SessionRef`]: `TARGET/ID`, or a bare id found in
 //! the client's record of the sessions it opened), and that record itself. A WinRM session
 //! is a WinRM shell (its ShellId is the id); the commands started in one with
@@ -18,13 +19,17 @@ use remote_proto::{ClientCodec, FrameError, frames};
 use thiserror::Error;
 use tokio_util::codec::{Decoder, Encoder};
 
+use crate::relay::{RelayClient, RelayError};
 use crate::ssh::{Connection, ProcessEvent, ProcessInput, RemoteProcess, SshError};
 use crate::target::Target;
+use remote_proto::relay::{ConverseRequest, ConverseResponse, converse_request, converse_response};
 
 #[derive(Debug, Error)]
 pub enum SessionError {
     #[error(transparent)]
     Ssh(#[from] SshError),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
     #[error("{addr}: {message}{}", if hint.is_empty() { String::new() } else { format!(": {hint}") })]
     Remote {
         addr: String,
@@ -53,10 +58,28 @@ pub enum SessionError {
     },
 }
 
+/// Where frames come from: the SSH subsystem's output, or a relay conversation.
+enum Link {
+    Ssh(RemoteProcess),
+    Relay {
+        stream: Box<tonic::Streaming<ConverseResponse>>,
+        client: RelayClient,
+        /// Whether the agent is online (as the relay last said).
+        live: Option<bool>,
+    },
+}
+
+/// Where frames go.
+#[derive(Clone)]
+enum Sink {
+    Ssh(ProcessInput),
+    Relay(tokio::sync::mpsc::Sender<ConverseRequest>),
+}
+
 /// A session channel: frames to and from the agent's session host.
 pub struct SessionChannel {
-    process: RemoteProcess,
-    input: ProcessInput,
+    link: Link,
+    sink: Sink,
     codec: ClientCodec,
     buf: BytesMut,
     queued: VecDeque<ServerFrame>,
@@ -68,21 +91,37 @@ pub struct SessionChannel {
 /// itself reads; shares the request-id counter.
 #[derive(Clone)]
 pub struct FrameSender {
-    input: ProcessInput,
+    sink: Sink,
     next_id: Arc<AtomicU64>,
+    addr: String,
 }
 
 impl FrameSender {
-    pub async fn send(&self, msg: client_frame::Msg) -> Result<u64, SshError> {
+    pub async fn send(&self, msg: client_frame::Msg) -> Result<u64, SessionError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = ClientFrame {
             request_id: id,
             msg: Some(msg),
         };
-        let mut out = BytesMut::new();
-        let mut codec = ClientCodec::default();
-        if codec.encode(frame, &mut out).is_ok() {
-            self.input.data(out.freeze()).await?;
+        match &self.sink {
+            Sink::Ssh(input) => {
+                let mut out = BytesMut::new();
+                let mut codec = ClientCodec::default();
+                if codec.encode(frame, &mut out).is_ok() {
+                    input.data(out.freeze()).await?;
+                }
+            }
+            Sink::Relay(tx) => {
+                use prost::Message;
+                let req = ConverseRequest {
+                    msg: Some(converse_request::Msg::Frame(frame.encode_to_vec())),
+                };
+                if tx.send(req).await.is_err() {
+                    return Err(SessionError::Closed {
+                        addr: self.addr.clone(),
+                    });
+                }
+            }
         }
         Ok(id)
     }
@@ -93,15 +132,50 @@ impl SessionChannel {
     pub async fn open(conn: &Connection) -> Result<SessionChannel, SessionError> {
         let process = conn.subsystem("remote").await?;
         let input = process.input();
-        let mut ch = SessionChannel {
-            process,
-            input,
+        let ch = SessionChannel {
+            link: Link::Ssh(process),
+            sink: Sink::Ssh(input),
             codec: ClientCodec::default(),
             buf: BytesMut::new(),
             queued: VecDeque::new(),
             next_id: Arc::new(AtomicU64::new(1)),
             addr: conn.addr().to_string(),
         };
+        ch.greet().await
+    }
+
+    /// Converse through a relay with `agent` (a new session, or a list) or with the agent
+    /// of session `session_id` (the relay checks it is the caller's).
+    pub async fn over_relay(
+        client: &RelayClient,
+        agent: &str,
+        session_id: &str,
+    ) -> Result<SessionChannel, SessionError> {
+        let (tx, stream) = client.converse(agent, session_id).await?;
+        let addr = if agent.is_empty() {
+            format!("relay {}", client.addr())
+        } else {
+            format!("{agent} (via relay {})", client.addr())
+        };
+        let ch = SessionChannel {
+            link: Link::Relay {
+                stream: Box::new(stream),
+                client: client.clone(),
+                live: None,
+            },
+            sink: Sink::Relay(tx),
+            codec: ClientCodec::default(),
+            buf: BytesMut::new(),
+            queued: VecDeque::new(),
+            next_id: Arc::new(AtomicU64::new(1)),
+            addr,
+        };
+        ch.greet().await
+    }
+
+    /// Exchange Hello.
+    async fn greet(self) -> Result<SessionChannel, SessionError> {
+        let mut ch = self;
         let software = format!("remote {}", env!("CARGO_PKG_VERSION"));
         match ch
             .request(client_frame::Msg::Hello(frames::hello(&software)))
@@ -127,14 +201,15 @@ impl SessionChannel {
     /// A sender for other tasks.
     pub fn sender(&self) -> FrameSender {
         FrameSender {
-            input: self.input.clone(),
+            sink: self.sink.clone(),
             next_id: self.next_id.clone(),
+            addr: self.addr.clone(),
         }
     }
 
     /// Send a request; returns its id.
     pub async fn send(&mut self, msg: client_frame::Msg) -> Result<u64, SessionError> {
-        Ok(self.sender().send(msg).await?)
+        self.sender().send(msg).await
     }
 
     /// The next frame from the agent; `None` when the channel closed.
@@ -152,12 +227,43 @@ impl SessionChannel {
                 Err(e) => return Err(self.protocol(e.to_string())),
                 Ok(None) => {}
             }
-            match self.process.next_event().await? {
-                Some(ProcessEvent::Stdout(data)) => self.buf.extend_from_slice(&data),
-                Some(ProcessEvent::Stderr(data)) => {
-                    let _ = std::io::stderr().write_all(&data);
-                }
-                None => return Ok(None),
+            match &mut self.link {
+                Link::Ssh(process) => match process.next_event().await? {
+                    Some(ProcessEvent::Stdout(data)) => self.buf.extend_from_slice(&data),
+                    Some(ProcessEvent::Stderr(data)) => {
+                        let _ = std::io::stderr().write_all(&data);
+                    }
+                    None => return Ok(None),
+                },
+                Link::Relay {
+                    stream,
+                    client,
+                    live,
+                } => match stream.message().await {
+                    Ok(Some(resp)) => match resp.msg {
+                        Some(converse_response::Msg::Frame(f)) => {
+                            use prost::Message;
+                            return match ServerFrame::decode(f.as_slice()) {
+                                Ok(frame) => Ok(Some(frame)),
+                                Err(e) => Err(self.protocol(e.to_string())),
+                            };
+                        }
+                        Some(converse_response::Msg::State(s)) => {
+                            let was = live.replace(s.live);
+                            if !s.live && was != Some(false) {
+                                crate::notice(&format!(
+                                    "agent '{}' is offline: showing the output the relay kept; live output resumes when the agent is back",
+                                    s.agent
+                                ));
+                            } else if s.live && was == Some(false) {
+                                crate::notice(&format!("agent '{}' is back: live", s.agent));
+                            }
+                        }
+                        None => {}
+                    },
+                    Ok(None) => return Ok(None),
+                    Err(status) => return Err(client.stream_error(status).into()),
+                },
             }
         }
     }
@@ -199,8 +305,10 @@ impl SessionChannel {
 
     /// Close the channel (the agent detaches this connection; sessions stay).
     pub async fn close(self) {
-        let _ = self.input.eof().await;
-        let _ = self.input.close().await;
+        if let Sink::Ssh(input) = &self.sink {
+            let _ = input.eof().await;
+            let _ = input.close().await;
+        }
     }
 }
 

@@ -214,23 +214,16 @@ impl Target {
         Ok(targets)
     }
 
-    /// SSH and WinRM targets are spoken by this build; relay targets get a clear refusal.
+    /// Every scheme is spoken by this build (kept for the day one is not).
     pub fn require_supported(&self) -> Result<(), TargetError> {
-        match self.scheme {
-            Scheme::Ssh | Scheme::Winrm | Scheme::Winrms => Ok(()),
-            other => Err(TargetError::NotSupported {
-                target: self.spec.clone(),
-                scheme: other.name(),
-                ssh_port: DEFAULT_SSH_PORT,
-            }),
-        }
+        Ok(())
     }
 
-    /// For `remote COMMAND`, which only works over SSH (a terminal, live attach, listing
-    /// sessions): refuse other schemes, saying why.
+    /// For `remote COMMAND`, which needs the session protocol (SSH or a relay: a terminal,
+    /// live attach, listing sessions): refuse WinRM, saying why.
     pub fn require_ssh(&self, command: &'static str) -> Result<(), TargetError> {
         match self.scheme {
-            Scheme::Ssh => Ok(()),
+            Scheme::Ssh | Scheme::Relay => Ok(()),
             Scheme::Winrm | Scheme::Winrms => Err(TargetError::NeedsSsh {
                 target: self.spec.clone(),
                 command,
@@ -248,12 +241,12 @@ impl Target {
                 },
                 ssh_port: DEFAULT_SSH_PORT,
             }),
-            other => Err(TargetError::NotSupported {
-                target: self.spec.clone(),
-                scheme: other.name(),
-                ssh_port: DEFAULT_SSH_PORT,
-            }),
         }
+    }
+
+    /// A relay target (`relay://AGENT`): the host is the agent's name at the relay.
+    pub fn is_relay(&self) -> bool {
+        self.scheme == Scheme::Relay
     }
 
     /// A WinRM target (`winrm://` or `winrms://`).
@@ -330,7 +323,7 @@ mod tests {
     }
 
     #[test]
-    fn winrm_is_supported_relay_is_not() {
+    fn winrm_and_relay_targets() {
         for (s, port) in [("winrm://h", 5985), ("winrms://h", 5986)] {
             let x = t(s);
             assert_eq!(x.port, port);
@@ -349,10 +342,11 @@ mod tests {
         let x = t("winrm://h:5985/wsman/");
         assert_eq!((x.host.as_str(), x.port), ("h", 5985));
         assert_eq!(t("winrm://h/WSMAN").host, "h");
-        let x = t("relay://h");
-        assert_eq!(x.port, 7443);
-        let e = x.require_supported().unwrap_err().to_string();
-        assert!(e.contains("not supported yet by this build"), "{e}");
+        let x = t("relay://agent1");
+        assert!(x.is_relay());
+        assert_eq!(x.host, "agent1");
+        assert!(x.require_supported().is_ok());
+        assert!(x.require_ssh("attach").is_ok());
         assert!(t("ssh://h").require_ssh("shell").is_ok());
         assert!(!t("h").is_winrm());
     }

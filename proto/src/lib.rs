@@ -31,6 +31,46 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest frame accepted or sent, in bytes (length prefix excluded).
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 
+/// Default port of `remote-relay`.
+pub const DEFAULT_RELAY_PORT: u16 = 7443;
+
+/// A relay address as people write it: `HOST`, `HOST:PORT`, `[V6]:PORT`, optionally
+/// prefixed with `https://` or `relay://` (default port [`DEFAULT_RELAY_PORT`]). Returns
+/// `(host, "host:port" to connect to)`, or `None` when it is not an address.
+pub fn parse_relay_addr(url: &str) -> Option<(String, String)> {
+    let t = url.trim();
+    let rest = t
+        .strip_prefix("https://")
+        .or_else(|| t.strip_prefix("relay://"))
+        .unwrap_or(t)
+        .trim_end_matches('/');
+    if rest.is_empty() || rest.contains(['/', '@', ' ']) {
+        return None;
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, tail) = v6.split_once(']')?;
+        match tail.strip_prefix(':') {
+            Some(p) => (h, p.parse::<u16>().ok()?),
+            None if tail.is_empty() => (h, DEFAULT_RELAY_PORT),
+            None => return None,
+        }
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().ok()?),
+            None => (rest, DEFAULT_RELAY_PORT),
+        }
+    };
+    if host.is_empty() || port == 0 {
+        return None;
+    }
+    let addr = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    Some((host.to_string(), addr))
+}
+
 /// Bytes of frames an agent may send on a relay channel before the relay grants more
 /// (relay.proto `ChannelWindow`).
 pub const CHANNEL_WINDOW_BYTES: u64 = 4 << 20;
@@ -178,6 +218,23 @@ pub mod frames {
         session::Hello {
             protocol_version: super::PROTOCOL_VERSION,
             software: software.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod relay_addr_tests {
+    use super::parse_relay_addr;
+
+    #[test]
+    fn relay_addresses() {
+        let p = |s: &str| parse_relay_addr(s).map(|(_, a)| a);
+        assert_eq!(p("relay.example").as_deref(), Some("relay.example:7443"));
+        assert_eq!(p("https://r:9000/").as_deref(), Some("r:9000"));
+        assert_eq!(p("[::1]:7000").as_deref(), Some("[::1]:7000"));
+        assert_eq!(p("[::1]").as_deref(), Some("[::1]:7443"));
+        for bad in ["", "r:0", "r:x", "u@r", "r/path", "[::1"] {
+            assert_eq!(p(bad), None, "{bad}");
         }
     }
 }

@@ -205,7 +205,10 @@ mod tests {
         assert!(fp.starts_with("SHA256:"));
         assert_eq!(parse_fingerprint(&fp).as_deref(), Some(fp.as_str()));
         let bare = fp.trim_start_matches("SHA256:");
-        assert_eq!(parse_fingerprint(&format!("{bare}=")).as_deref(), Some(fp.as_str()));
+        assert_eq!(
+            parse_fingerprint(&format!("{bare}=")).as_deref(),
+            Some(fp.as_str())
+        );
         assert_eq!(parse_fingerprint("SHA256:short"), None);
         assert_eq!(parse_fingerprint(""), None);
     }

@@ -82,7 +82,7 @@ impl AgentTunnel for AgentService {
             )));
         }
         let software: String = hello.software.chars().take(64).collect();
-        let (tunnel, to_agent) = self.shared.registry.register(&agent, &software);
+        let (tunnel, to_agent) = self.shared.registry.prepare(&agent, &software);
         let (out_tx, out_rx) = mpsc::channel(1);
         let shared = self.shared.clone();
         tokio::spawn(async move {
@@ -157,6 +157,8 @@ async fn serve_tunnel(
     if !tunnel.send(relay_hello).await {
         return "the tunnel closed during its greeting".into();
     }
+    // Only now may conversations open channels: the agent's first message is the greeting.
+    shared.registry.publish(&tunnel);
 
     let (spill_tx, spill_rx) = mpsc::channel::<SpillBatch>(SPILL_QUEUE);
     let spiller = tokio::spawn(persist_spills(shared.clone(), tunnel.clone(), spill_rx));

@@ -43,7 +43,12 @@ impl Relay for RelayService {
         req: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
         user_of(&self.shared, req.metadata()).await?;
-        let rows = self.shared.store.list_agents().await.map_err(store_status)?;
+        let rows = self
+            .shared
+            .store
+            .list_agents()
+            .await
+            .map_err(store_status)?;
         let agents = rows
             .into_iter()
             .map(|a| {
@@ -137,8 +142,7 @@ impl Relay for RelayService {
                     let (shared, user, tx) = (shared.clone(), user.clone(), tx.clone());
                     let (command, stdin) = (command.clone(), stdin.clone());
                     async move {
-                        let result =
-                            run_on(&shared, &user, &agent, &command, &stdin, &tx).await;
+                        let result = run_on(&shared, &user, &agent, &command, &stdin, &tx).await;
                         if let Err(e) = result {
                             let _ = tx
                                 .send(Ok(RunEvent {
@@ -187,7 +191,12 @@ async fn run_on(
         .await
         .ok_or_else(|| run_error(C::ErrorUnavailable, format!("agent '{agent}' went offline")))?;
     let software = format!("remote-relay {}", env!("CARGO_PKG_VERSION"));
-    request(&mut ch, 1, client_frame::Msg::Hello(frames::hello(&software))).await?;
+    request(
+        &mut ch,
+        1,
+        client_frame::Msg::Hello(frames::hello(&software)),
+    )
+    .await?;
     let open = OpenSession {
         shape: Shape::Commands as i32,
         name: "remote-run".into(),
@@ -242,8 +251,9 @@ async fn run_on(
         }
     }
     .await;
+    // Wait for the agent to confirm, or closing the channel could overtake the request.
     let close = client_frame::Msg::Close(CloseSession { session_id: id });
-    let _ = send(&ch, 4, close).await;
+    let _ = request(&mut ch, 4, close).await;
     result
 }
 
@@ -283,9 +293,12 @@ async fn next_frame(
 ) -> Result<ServerFrame, session::Error> {
     use session::ErrorCode as C;
     let event = match timeout {
-        Some(t) => tokio::time::timeout(t, ch.next())
-            .await
-            .map_err(|_| run_error(C::ErrorUnavailable, "the agent did not answer in 30 s".into()))?,
+        Some(t) => tokio::time::timeout(t, ch.next()).await.map_err(|_| {
+            run_error(
+                C::ErrorUnavailable,
+                "the agent did not answer in 30 s".into(),
+            )
+        })?,
         None => ch.next().await,
     };
     match event {

@@ -16,8 +16,8 @@ use std::time::Duration;
 use prost::Message;
 use remote_proto::relay::{ConverseRequest, ConverseResponse, ConverseState, converse_response};
 use remote_proto::session::{
-    Attach, Attached, ClientFrame, Done, ErrorCode, Hello, ServerFrame, SessionList,
-    SessionState, client_frame, server_frame,
+    Attach, Attached, ClientFrame, Done, ErrorCode, Hello, ServerFrame, SessionList, SessionState,
+    client_frame, server_frame,
 };
 use remote_proto::{PROTOCOL_VERSION, frames};
 use tokio::sync::mpsc;
@@ -86,7 +86,9 @@ pub async fn serve(
         Ok(Err(_)) => return,
         Err(_) => {
             let _ = out
-                .send(Err(Status::deadline_exceeded("no target named within 30 s")))
+                .send(Err(Status::deadline_exceeded(
+                    "no target named within 30 s",
+                )))
                 .await;
             return;
         }
@@ -278,7 +280,7 @@ impl Conv {
             tokio::select! {
                 m = inbound.message() => match m {
                     Ok(Some(ConverseRequest { msg: Some(remote_proto::relay::converse_request::Msg::Frame(f)) })) => {
-                        self.from_client(f).await?;
+                        self.on_client_frame(f).await?;
                     }
                     Ok(Some(_)) => {
                         self.error(0, ErrorCode::ErrorInvalidRequest, "the target was already named", "").await?;
@@ -286,7 +288,7 @@ impl Conv {
                     Ok(None) | Err(_) => return Ok(()),
                 },
                 ev = next_event(&mut self.link) => match ev {
-                    ChannelEvent::Frame(f) => self.from_agent(f).await?,
+                    ChannelEvent::Frame(f) => self.on_agent_frame(f).await?,
                     ChannelEvent::Closed(reason) => self.lost_agent(reason).await?,
                 },
                 r = online.changed(), if waiting_for_agent => {
@@ -361,7 +363,7 @@ impl Conv {
         }
     }
 
-    async fn from_client(&mut self, bytes: Vec<u8>) -> Result<(), End> {
+    async fn on_client_frame(&mut self, bytes: Vec<u8>) -> Result<(), End> {
         if bytes.len() > remote_proto::MAX_FRAME_BYTES {
             return self
                 .error(
@@ -472,11 +474,7 @@ impl Conv {
                         .journal_state(&row.id)
                         .await
                         .unwrap_or_default();
-                    sessions.push(mirror::session_info(
-                        &row,
-                        js.stored_seq + 1,
-                        js.client_ack,
-                    ));
+                    sessions.push(mirror::session_info(&row, js.stored_seq + 1, js.client_ack));
                 }
                 self.send_frame(frames::server(
                     rid,
@@ -610,7 +608,7 @@ impl Conv {
         Ok(())
     }
 
-    async fn from_agent(&mut self, bytes: Vec<u8>) -> Result<(), End> {
+    async fn on_agent_frame(&mut self, bytes: Vec<u8>) -> Result<(), End> {
         let Ok(frame) = ServerFrame::decode(bytes.as_slice()) else {
             // Not ours to judge: the client reports what it cannot read.
             return self.to_client(bytes).await;

@@ -68,12 +68,13 @@ pub struct RelayServerHandle {
 
 impl RelayServerHandle {
     pub async fn bind(settings: Settings, shared: Arc<Shared>) -> Result<Self, ServerError> {
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: settings.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
         Ok(RelayServerHandle {
             listener,
             settings,

@@ -220,10 +220,9 @@ impl Registry {
         self.tunnels.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Register a new tunnel of `agent`, replacing (and closing) an older one: the newest
-    /// connection of an agent wins, as after a reconnect the old one may linger half-dead.
+    /// A new tunnel of `agent`, not yet visible to conversations (the greeting comes first).
     /// Returns the tunnel and the receiver of what is sent to the agent.
-    pub fn register(
+    pub fn prepare(
         &self,
         agent: &str,
         software: &str,
@@ -238,10 +237,26 @@ impl Registry {
             next_channel: AtomicU64::new(1),
             closed: CancellationToken::new(),
         });
-        if let Some(old) = self.map().insert(agent.to_string(), tunnel.clone()) {
+        (tunnel, rx)
+    }
+
+    /// Make a greeted tunnel the agent's, replacing (and closing) an older one: the newest
+    /// connection of an agent wins, as after a reconnect the old one may linger half-dead.
+    pub fn publish(&self, tunnel: &Arc<Tunnel>) {
+        if let Some(old) = self.map().insert(tunnel.agent.clone(), tunnel.clone()) {
             old.shut("the agent reconnected");
         }
         self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// [`Registry::prepare`] and [`Registry::publish`] at once.
+    pub fn register(
+        &self,
+        agent: &str,
+        software: &str,
+    ) -> (Arc<Tunnel>, mpsc::Receiver<RelayMessage>) {
+        let (tunnel, rx) = self.prepare(agent, software);
+        self.publish(&tunnel);
         (tunnel, rx)
     }
 
@@ -345,7 +360,10 @@ mod tests {
         assert!(old.closed.is_cancelled());
         assert!(matches!(ch.next().await, ChannelEvent::Closed(_)));
         reg.unregister(&old, "gone");
-        assert!(reg.is_online("a1"), "the old tunnel must not remove the new one");
+        assert!(
+            reg.is_online("a1"),
+            "the old tunnel must not remove the new one"
+        );
         reg.unregister(&new, "gone");
         assert!(!reg.is_online("a1"));
     }

@@ -109,17 +109,13 @@ pub fn load_or_generate(
 fn generate(cert_path: &Path, key_path: &Path, host_name: &str) -> Result<(), TlsError> {
     let (cert, key) = remote_proto::tls::self_signed(host_name).map_err(TlsError::Generate)?;
     // The key first, so a crash in between never leaves a certificate without its key.
-    paths::write_private_atomic(key_path, key.as_bytes()).map_err(|source| {
-        TlsError::Write {
-            path: key_path.to_path_buf(),
-            source,
-        }
+    paths::write_private_atomic(key_path, key.as_bytes()).map_err(|source| TlsError::Write {
+        path: key_path.to_path_buf(),
+        source,
     })?;
-    paths::write_private_atomic(cert_path, cert.as_bytes()).map_err(|source| {
-        TlsError::Write {
-            path: cert_path.to_path_buf(),
-            source,
-        }
+    paths::write_private_atomic(cert_path, cert.as_bytes()).map_err(|source| TlsError::Write {
+        path: cert_path.to_path_buf(),
+        source,
     })?;
     Ok(())
 }

@@ -471,7 +471,7 @@ struct StoreState {
     lines: usize,
 }
 
-const STORE_HEADER: &str = "# remote: TLS certificates of WinRM (winrms://) hosts, trusted on first use.\n\
+const STORE_HEADER: &str = "# remote: TLS certificates of servers (winrms:// agents, relays), trusted on first use.\n\
 # One line each: HOST:PORT SHA256:<base64 SHA-256 of the certificate>. Delete a line to trust a new certificate.\n";
 
 impl CertStore {
