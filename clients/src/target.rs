@@ -1,9 +1,9 @@
 //! Targets as written on the command line (design.md §5): `[scheme://][user@]host[:port]`,
 //! several of them separated by commas. A bare host means SSH to the agent's port 2222; IPv6
 //! addresses go in brackets (`[::1]:2222`, or a bare `::1` without a port). `winrm://`
-//! (HTTP, port 5985) and `winrms://` (HTTPS, 5986) reach WinRM servers; `relay://` parses,
-//! but this build does not speak it yet ([`Target::require_supported`]). Some commands need
-//! the SSH transport ([`Target::require_ssh`]).
+//! (HTTP, port 5985) and `winrms://` (HTTPS, 5986) reach WinRM servers; `relay://AGENT`
+//! reaches an agent through the relay given by --relay / REMOTE_RELAY. Some commands need
+//! the session protocol, SSH or relay ([`Target::require_ssh`]).
 
 use std::fmt;
 

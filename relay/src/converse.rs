@@ -274,21 +274,32 @@ impl Conv {
 
     async fn run(&mut self, inbound: &mut Streaming<ConverseRequest>) -> Result<(), End> {
         let mut online = self.shared.registry.watch();
+        let mut client_done = false;
         loop {
             let waiting_for_agent =
                 self.link.is_none() && self.splice.as_ref().is_some_and(|s| s.follow);
             tokio::select! {
-                m = inbound.message() => match m {
+                m = inbound.message(), if !client_done => match m {
                     Ok(Some(ConverseRequest { msg: Some(remote_proto::relay::converse_request::Msg::Frame(f)) })) => {
                         self.on_client_frame(f).await?;
                     }
                     Ok(Some(_)) => {
                         self.error(0, ErrorCode::ErrorInvalidRequest, "the target was already named", "").await?;
                     }
-                    Ok(None) | Err(_) => return Ok(()),
+                    Ok(None) => {
+                        // Half-closed: the agent still answers what was asked, then ends
+                        // the channel, which ends the conversation.
+                        match &self.link {
+                            Some(link) if link.close_input().await => client_done = true,
+                            _ => return Ok(()),
+                        }
+                    }
+                    // E.g. a message over the size limit: the client learns why.
+                    Err(s) => return Err(End::Status(s)),
                 },
                 ev = next_event(&mut self.link) => match ev {
                     ChannelEvent::Frame(f) => self.on_agent_frame(f).await?,
+                    ChannelEvent::Closed(_) if client_done => return Ok(()),
                     ChannelEvent::Closed(reason) => self.lost_agent(reason).await?,
                 },
                 r = online.changed(), if waiting_for_agent => {

@@ -173,6 +173,17 @@ impl Channel {
         event
     }
 
+    /// The client sent its last frame: the agent finishes what it was asked, answers, and
+    /// then closes the channel (its Closed event ends the conversation).
+    pub async fn close_input(&self) -> bool {
+        self.tunnel
+            .send(relay_message::Msg::Closed(ChannelClosed {
+                channel: self.id,
+                reason: "the client sent its last request".into(),
+            }))
+            .await
+    }
+
     /// Send one ClientFrame (encoded) to the agent; false when the tunnel is gone.
     pub async fn send(&self, frame: Vec<u8>) -> bool {
         self.tunnel

@@ -1,7 +1,7 @@
 //! `remote-relay` administration: join tokens for agents and user tokens are printed alone on
 //! the last line of stdout; a join token enrols one agent, once; a user's token identifies
-//! them until they are removed. Enrolment here goes through the relay's store, as the relay
-//! server will (its gRPC services come with the rest of issue 5).
+//! them until they are removed. Enrolment here goes through the relay's store directly, as the
+//! relay server's Enrol call does (tests/e2e/relay.rs drives the server itself).
 
 use std::path::Path;
 use std::process::Command;

@@ -2,6 +2,7 @@
 //! 127.0.0.1 with its own state directory, creates accounts and client keys, and builds
 //! OpenSSH command lines against it. Everything started here is stopped on drop.
 
+pub mod relay;
 pub mod session_client;
 
 use std::io::{BufRead, BufReader, Write};
