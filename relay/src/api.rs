@@ -104,14 +104,10 @@ impl Relay for RelayService {
         req: Request<Streaming<ConverseRequest>>,
     ) -> Result<Response<Self::ConverseStream>, Status> {
         let user = user_of(&self.shared, req.metadata()).await?;
-        let inbound = req.into_inner();
+        let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(crate::converse::serve(
-            self.shared.clone(),
-            user,
-            inbound,
-            tx,
-        ));
+        let opened = crate::converse::open(self.shared.clone(), user, &mut inbound, tx).await?;
+        tokio::spawn(crate::converse::serve(opened, inbound));
         Ok(Response::new(outbound(rx)))
     }
 

@@ -56,7 +56,16 @@ struct Conv {
     out: Out,
     link: Option<Channel>,
     splice: Option<Splice>,
+    /// The client's latest acknowledgement not yet written to the store (session, seq),
+    /// and when one was last written: acknowledgements come with every record, the store
+    /// hears of them at most every [`ACK_WRITE_EVERY`] and when the conversation ends.
+    ack: Option<(String, u64)>,
+    ack_written: std::time::Instant,
 }
+
+/// How often a conversation writes its client's acknowledgement to the store (and trims
+/// the records it covers).
+const ACK_WRITE_EVERY: Duration = Duration::from_millis(500);
 
 /// Why a conversation ends early, for the client.
 enum End {
@@ -64,42 +73,31 @@ enum End {
     Status(Status),
 }
 
-/// Serve one conversation until the client or the agent ends it.
-pub async fn serve(
+/// A conversation whose target was named, checked and (when online) greeted.
+pub struct Opened(Conv);
+
+/// Read the target, check the caller may use it, and connect to the agent. Failures are
+/// returned before the response starts (a trailers-only answer), which every client reads
+/// reliably; an error inside a stream can be lost to a stream reset that overtakes it.
+pub async fn open(
     shared: Arc<Shared>,
     user: String,
-    mut inbound: Streaming<ConverseRequest>,
+    inbound: &mut Streaming<ConverseRequest>,
     out: Out,
-) {
+) -> Result<Opened, Status> {
     let target = match tokio::time::timeout(TARGET_TIMEOUT, inbound.message()).await {
         Ok(Ok(Some(ConverseRequest {
             msg: Some(remote_proto::relay::converse_request::Msg::Target(t)),
         }))) => t,
         Ok(Ok(_)) => {
-            let _ = out
-                .send(Err(Status::invalid_argument(
-                    "the first message of a conversation must name its target (agent or session)",
-                )))
-                .await;
-            return;
+            return Err(Status::invalid_argument(
+                "the first message of a conversation must name its target (agent or session)",
+            ));
         }
-        Ok(Err(_)) => return,
-        Err(_) => {
-            let _ = out
-                .send(Err(Status::deadline_exceeded(
-                    "no target named within 30 s",
-                )))
-                .await;
-            return;
-        }
+        Ok(Err(s)) => return Err(s),
+        Err(_) => return Err(Status::deadline_exceeded("no target named within 30 s")),
     };
-    let agent = match resolve(&shared, &user, &target.agent, &target.session_id).await {
-        Ok(a) => a,
-        Err(status) => {
-            let _ = out.send(Err(status)).await;
-            return;
-        }
-    };
+    let agent = resolve(&shared, &user, &target.agent, &target.session_id).await?;
     let mut conv = Conv {
         shared,
         user,
@@ -107,12 +105,22 @@ pub async fn serve(
         out,
         link: None,
         splice: None,
+        ack: None,
+        ack_written: std::time::Instant::now(),
     };
-    if let Err(End::Status(s)) = conv.connect(!target.agent.is_empty()).await {
-        let _ = conv.out.send(Err(s)).await;
-        return;
+    match conv.connect(!target.agent.is_empty()).await {
+        Ok(()) => Ok(Opened(conv)),
+        Err(End::Status(s)) => Err(s),
+        Err(End::Quiet) => Err(Status::cancelled("the client left")),
     }
-    if let Err(End::Status(s)) = conv.run(&mut inbound).await {
+}
+
+/// Serve an opened conversation until the client or the agent ends it.
+pub async fn serve(opened: Opened, mut inbound: Streaming<ConverseRequest>) {
+    let mut conv = opened.0;
+    let result = conv.run(&mut inbound).await;
+    conv.write_ack().await;
+    if let Err(End::Status(s)) = result {
         let _ = conv.out.send(Err(s)).await;
     }
 }
@@ -454,8 +462,14 @@ impl Conv {
                 self.attach_offline(rid, row, a).await
             }
             client_frame::Msg::Ack(a) => {
-                if let Some(s) = &self.splice {
-                    let _ = self.shared.store.set_client_ack(&s.session, a.seq).await;
+                if let Some(session) = self.splice.as_ref().map(|s| s.session.clone()) {
+                    if self.ack.as_ref().is_some_and(|(id, _)| *id != session) {
+                        self.write_ack().await;
+                    }
+                    self.ack = Some((session, a.seq));
+                    if self.ack_written.elapsed() >= ACK_WRITE_EVERY {
+                        self.write_ack().await;
+                    }
                 }
                 if self.link.is_some() {
                     self.forward(bytes).await?;
@@ -463,12 +477,27 @@ impl Conv {
                 Ok(())
             }
             client_frame::Msg::Detach(_) => {
+                self.write_ack().await;
                 self.splice = None;
                 if self.link.is_some() {
                     return self.forward(bytes).await;
                 }
                 self.send_frame(frames::server(rid, server_frame::Msg::Done(Done {})))
                     .await
+            }
+            client_frame::Msg::Close(c) => {
+                // A session its agent no longer has (closed while the relay was away, or the
+                // agent restarted) lives on only here: removing it is the relay's job.
+                match self.owns(&c.session_id).await {
+                    Some(row) if row.state == SessionState::StateClosed as i32 => {
+                        if let Err(e) = self.shared.store.delete_session(&row.id).await {
+                            tracing::warn!(session = %row.id, "closed session not removed: {e}");
+                        }
+                        self.send_frame(frames::server(rid, server_frame::Msg::Done(Done {})))
+                            .await
+                    }
+                    _ => self.forward_or_refuse(rid, bytes).await,
+                }
             }
             client_frame::Msg::List(_) if self.link.is_none() => {
                 let rows = self
@@ -494,6 +523,23 @@ impl Conv {
                 .await
             }
             _ => self.forward_or_refuse(rid, bytes).await,
+        }
+    }
+
+    /// Write the client's latest acknowledgement, and drop the persisted records it covers:
+    /// like the agent's journal, the relay keeps what no client has consumed yet.
+    async fn write_ack(&mut self) {
+        self.ack_written = std::time::Instant::now();
+        let Some((session, seq)) = self.ack.take() else {
+            return;
+        };
+        let store = &self.shared.store;
+        if let Err(e) = store.set_client_ack(&session, seq).await {
+            tracing::warn!(session = %session, "client acknowledgement not saved: {e}");
+            return;
+        }
+        if let Err(e) = store.trim_records(&session, seq).await {
+            tracing::warn!(session = %session, "acknowledged records not trimmed: {e}");
         }
     }
 

@@ -415,15 +415,15 @@ fn connection_refused_says_what_to_check() {
             "remote: connection to 127.0.0.1:{port} refused: is remote-agent running there and listening on that port? (remote-agent status; --ssh)\n"
         )
     );
-    drop(agent);
-    // Targets of other kinds parse, but this build does not speak them yet.
-    let out = client.run(&key, "relay://127.0.0.1", &[], &["true"], None);
+    // A relay:// target needs a relay to go through, and says how to name one.
+    let out = client.run(&key, "relay://agent1", &[], &["true"], None);
     assert_eq!(out.status.code(), Some(255));
     assert!(
-        stderr(&out).contains("not supported yet by this build"),
+        stderr(&out).contains("needs a relay: give --relay HOST[:PORT] or set REMOTE_RELAY"),
         "{}",
         stderr(&out)
     );
+    drop(agent);
 }
 
 #[test]

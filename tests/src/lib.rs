@@ -582,7 +582,9 @@ impl Client {
             .env("XDG_CONFIG_HOME", self.config_home())
             .env_remove("SSH_AUTH_SOCK")
             .env_remove("REMOTE_PASSWORD")
-            .env_remove("REMOTE_LOG");
+            .env_remove("REMOTE_LOG")
+            .env_remove("REMOTE_RELAY")
+            .env_remove("REMOTE_TOKEN");
     }
 
     /// `remote --batch --identity KEY run TARGETS [EXTRA...] -- COMMAND...`, run to the end.
