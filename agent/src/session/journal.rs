@@ -466,6 +466,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn spill_mode_trims_what_the_relay_persisted_not_what_clients_acked() {
+        let j = Arc::new(Journal::new(1000, Mode::Spill));
+        let writer = {
+            let j = j.clone();
+            tokio::spawn(async move {
+                for _ in 0..40 {
+                    j.append(0, out(100)).await.unwrap();
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!writer.is_finished(), "writer must block when full");
+        // A client's acknowledgement frees nothing: the relay has not got the records yet.
+        j.ack(j.stats().next_seq - 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!writer.is_finished(), "client acks must not trim a spill journal");
+        // The relay persists what it read, batch by batch; nothing is lost.
+        let mut next = 1;
+        while next <= 40 {
+            j.wait_for(next).await.unwrap();
+            let records = j.read_raw(next, usize::MAX);
+            for r in &records {
+                assert_eq!(r.seq, next);
+                next += 1;
+            }
+            j.persisted(next - 1);
+            assert_eq!(j.spill_state().0, next - 1);
+        }
+        writer.await.unwrap();
+        assert_eq!(j.stats().dropped, 0);
+    }
+
+    #[tokio::test]
     async fn block_mode_waits_for_acks_and_loses_nothing() {
         let j = Arc::new(Journal::new(1000, Mode::Block));
         let writer = {
