@@ -235,7 +235,15 @@ async fn persist_spills(
             .iter()
             .filter_map(mirror::record_row)
             .collect();
-        match shared.store.append_records(&batch.session_id, &rows).await {
+        let mut result = shared.store.append_records(&batch.session_id, &rows).await;
+        for pause in [100, 400, 1600] {
+            if result.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            result = shared.store.append_records(&batch.session_id, &rows).await;
+        }
+        match result {
             Ok(stored) => {
                 let ack = relay_message::Msg::SpillAck(SpillAck {
                     session_id: batch.session_id,
@@ -246,9 +254,10 @@ async fn persist_spills(
                 }
             }
             Err(e) => {
-                // Not acknowledged: the agent keeps the records and resends them after
-                // its next reconnect.
-                tracing::error!(agent = %tunnel.agent, session = %batch.session_id, "spilled records not stored: {e}");
+                // Not acknowledged: the agent keeps the records. Ending the tunnel makes it
+                // reconnect and resend them.
+                tracing::error!(agent = %tunnel.agent, session = %batch.session_id, "spilled records not stored, closing the tunnel: {e}");
+                break;
             }
         }
     }

@@ -428,6 +428,17 @@ impl Store {
         s
     }
 
+    /// A transaction that writes. On SQLite it takes the write lock at once (`BEGIN
+    /// IMMEDIATE`): a transaction that reads first and writes later could otherwise find,
+    /// at its first write, that another connection wrote in between, and fail with "database
+    /// is locked" without waiting. PostgreSQL needs nothing of the kind.
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }
@@ -494,7 +505,7 @@ impl Store {
         let (cred_id, cred_secret, credential) = new_secret(AGENT_CREDENTIAL_PREFIX);
         let cred_hash = hash_secret(cred_secret).await?;
         let now = now_ms / 1000;
-        let mut tx = self.pool.begin().await.map_err(db("enrolling an agent"))?;
+        let mut tx = self.write_tx().await.map_err(db("enrolling an agent"))?;
         // Single use, race-free: only one redeemer can flip used_unix.
         let claimed = sqlx::query(
             "UPDATE join_tokens SET used_unix = $1, used_by = $2
@@ -781,7 +792,7 @@ impl Store {
     /// Delete a session with its journal. Returns whether the session existed.
     pub async fn delete_session(&self, id: &str) -> Result<bool> {
         let what = "deleting a session";
-        let mut tx = self.pool.begin().await.map_err(db(what))?;
+        let mut tx = self.write_tx().await.map_err(db(what))?;
         let done = sqlx::query("DELETE FROM sessions WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -824,7 +835,7 @@ impl Store {
         seqs.dedup();
         let (lowest, highest) = (seqs[0], seqs[seqs.len() - 1]);
 
-        let mut tx = self.pool.begin().await.map_err(db(what))?;
+        let mut tx = self.write_tx().await.map_err(db(what))?;
         let state = sqlx::query("SELECT stored_seq, max_seq FROM journals WHERE session = $1")
             .bind(session)
             .fetch_optional(&mut *tx)
@@ -989,7 +1000,7 @@ impl Store {
     pub async fn trim_records(&self, session: &str, up_to_seq: u64) -> Result<u64> {
         let what = "trimming journal records";
         let up_to = to_i64(up_to_seq, "trim seq")?;
-        let mut tx = self.pool.begin().await.map_err(db(what))?;
+        let mut tx = self.write_tx().await.map_err(db(what))?;
         let done = sqlx::query("DELETE FROM records WHERE session = $1 AND seq <= $2")
             .bind(session)
             .bind(up_to)
