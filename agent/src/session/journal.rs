@@ -481,7 +481,10 @@ mod tests {
         // A client's acknowledgement frees nothing: the relay has not got the records yet.
         j.ack(j.stats().next_seq - 1);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!writer.is_finished(), "client acks must not trim a spill journal");
+        assert!(
+            !writer.is_finished(),
+            "client acks must not trim a spill journal"
+        );
         // The relay persists what it read, batch by batch; nothing is lost.
         let mut next = 1;
         while next <= 40 {
