@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        .codec_path("crate::codec::LeanCodec")
         .extern_path(".remote.session.v1", "crate::session")
         .compile_fds(fds)?;
     println!("cargo:rerun-if-changed=proto");

@@ -10,6 +10,50 @@ use prost::Message;
 use tokio_util::codec::{Decoder, Encoder};
 
 pub mod tls;
+
+/// The gRPC codec of the relay's services: prost messages, like tonic's default, with small
+/// initial buffers. A relay holds one stream per agent, mostly idle; tonic's 8 KiB encode
+/// and decode buffers per stream would be a third of what an idle tunnel costs. Buffers
+/// still grow to any message's size when one comes.
+pub mod codec {
+    use std::marker::PhantomData;
+
+    use prost::Message;
+    use tonic::codec::{BufferSettings, Codec};
+    use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+    /// Initial buffer size, and how much output is gathered before it is yielded.
+    const BUFFER: usize = 512;
+    const YIELD_THRESHOLD: usize = 32 * 1024;
+
+    #[derive(Debug)]
+    pub struct LeanCodec<T, U>(PhantomData<(T, U)>);
+
+    impl<T, U> Default for LeanCodec<T, U> {
+        fn default() -> Self {
+            LeanCodec(PhantomData)
+        }
+    }
+
+    impl<T, U> Codec for LeanCodec<T, U>
+    where
+        T: Message + Send + 'static,
+        U: Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ProstEncoder<T>;
+        type Decoder = ProstDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstCodec::<T, U>::raw_encoder(BufferSettings::new(BUFFER, YIELD_THRESHOLD))
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            ProstCodec::<T, U>::raw_decoder(BufferSettings::new(BUFFER, YIELD_THRESHOLD))
+        }
+    }
+}
 pub mod wsman;
 
 /// The session protocol's messages (proto/session.proto).

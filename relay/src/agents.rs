@@ -17,8 +17,9 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::mirror;
-use crate::server::{Outbound, Shared, agent_of, outbound, store_status};
+use crate::server::{Outbound, Shared, agent_of, store_status};
 use crate::tunnels::Tunnel;
+use futures::StreamExt;
 
 /// How long an agent has to say Hello on a new tunnel.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -83,23 +84,17 @@ impl AgentTunnel for AgentService {
         }
         let software: String = hello.software.chars().take(64).collect();
         let (tunnel, to_agent) = self.shared.registry.prepare(&agent, &software);
-        let (out_tx, out_rx) = mpsc::channel(1);
         let shared = self.shared.clone();
+        // The stream to the agent is what the tunnel queues, until the tunnel closes.
+        let closed = tunnel.closed.clone();
+        let to_agent = futures::stream::unfold(to_agent, |mut rx| async move {
+            rx.recv().await.map(|m| (Ok(*m), rx))
+        })
+        .take_until(closed.clone().cancelled_owned());
         tokio::spawn(async move {
-            // The stream to the agent: what the tunnel queues, until it closes.
-            let mut to_agent = to_agent;
-            let closed = tunnel.closed.clone();
-            let forward = async {
-                while let Some(m) = to_agent.recv().await {
-                    if out_tx.send(Ok(m)).await.is_err() {
-                        break;
-                    }
-                }
-            };
             let serve = serve_tunnel(shared.clone(), tunnel.clone(), hello, inbound);
             let reason = tokio::select! {
                 r = serve => r,
-                () = forward => "the agent's stream ended".to_string(),
                 () = closed.cancelled() => "replaced by a newer connection".to_string(),
                 () = shared.shutdown.cancelled() => "the relay is shutting down".to_string(),
             };
@@ -107,7 +102,7 @@ impl AgentTunnel for AgentService {
             shared.registry.unregister(&tunnel, &reason);
             let _ = shared.store.touch_agent(&tunnel.agent).await;
         });
-        Ok(Response::new(outbound(out_rx)))
+        Ok(Response::new(Box::pin(to_agent)))
     }
 }
 
@@ -160,8 +155,8 @@ async fn serve_tunnel(
     // Only now may conversations open channels: the agent's first message is the greeting.
     shared.registry.publish(&tunnel);
 
-    let (spill_tx, spill_rx) = mpsc::channel::<SpillBatch>(SPILL_QUEUE);
-    let spiller = tokio::spawn(persist_spills(shared.clone(), tunnel.clone(), spill_rx));
+    // The spill writer starts with the first batch: most tunnels are idle.
+    let mut spill: Option<(mpsc::Sender<SpillBatch>, tokio::task::JoinHandle<()>)> = None;
     let mut touched = Instant::now();
     let reason = loop {
         let msg = match inbound.message().await {
@@ -186,7 +181,12 @@ async fn serve_tunnel(
                     // Only sessions this agent reported; never another agent's.
                     continue;
                 }
-                if spill_tx.send(batch).await.is_err() {
+                let (tx, _) = spill.get_or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel::<SpillBatch>(SPILL_QUEUE);
+                    let task = tokio::spawn(persist_spills(shared.clone(), tunnel.clone(), rx));
+                    (tx, task)
+                });
+                if tx.send(batch).await.is_err() {
                     break "the journal store failed".to_string();
                 }
             }
@@ -218,8 +218,10 @@ async fn serve_tunnel(
             agent_message::Msg::Hello(_) => {}
         }
     };
-    drop(spill_tx);
-    let _ = spiller.await;
+    if let Some((tx, task)) = spill {
+        drop(tx);
+        let _ = task.await;
+    }
     reason
 }
 

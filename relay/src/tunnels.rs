@@ -39,7 +39,8 @@ pub struct Tunnel {
     pub software: String,
     /// Distinguishes this tunnel from an earlier or later one of the same agent.
     pub generation: u64,
-    to_agent: mpsc::Sender<RelayMessage>,
+    /// Boxed: the queue's slots are allocated in blocks, and most tunnels are idle.
+    to_agent: mpsc::Sender<Box<RelayMessage>>,
     channels: Mutex<HashMap<u64, ChannelSlot>>,
     next_channel: AtomicU64,
     /// Cancelled when the tunnel ends (or is replaced by a newer one).
@@ -57,7 +58,7 @@ impl Tunnel {
             return false;
         }
         self.to_agent
-            .send(RelayMessage { msg: Some(msg) })
+            .send(Box::new(RelayMessage { msg: Some(msg) }))
             .await
             .is_ok()
     }
@@ -198,12 +199,12 @@ impl Channel {
 impl Drop for Channel {
     fn drop(&mut self) {
         if self.tunnel.slots().remove(&self.id).is_some() {
-            let _ = self.tunnel.to_agent.try_send(RelayMessage {
+            let _ = self.tunnel.to_agent.try_send(Box::new(RelayMessage {
                 msg: Some(relay_message::Msg::Closed(ChannelClosed {
                     channel: self.id,
                     reason: "the client left".into(),
                 })),
-            });
+            }));
         }
     }
 }
@@ -237,7 +238,7 @@ impl Registry {
         &self,
         agent: &str,
         software: &str,
-    ) -> (Arc<Tunnel>, mpsc::Receiver<RelayMessage>) {
+    ) -> (Arc<Tunnel>, mpsc::Receiver<Box<RelayMessage>>) {
         let (to_agent, rx) = mpsc::channel(TO_AGENT_QUEUE);
         let tunnel = Arc::new(Tunnel {
             agent: agent.to_string(),
@@ -265,7 +266,7 @@ impl Registry {
         &self,
         agent: &str,
         software: &str,
-    ) -> (Arc<Tunnel>, mpsc::Receiver<RelayMessage>) {
+    ) -> (Arc<Tunnel>, mpsc::Receiver<Box<RelayMessage>>) {
         let (tunnel, rx) = self.prepare(agent, software);
         self.publish(&tunnel);
         (tunnel, rx)
