@@ -232,23 +232,24 @@ async fn persist_spills(
     mut rx: mpsc::Receiver<SpillBatch>,
 ) {
     while let Some(batch) = rx.recv().await {
+        let session = batch.session_id;
         let rows: Vec<_> = batch
             .records
-            .iter()
+            .into_iter()
             .filter_map(mirror::record_row)
             .collect();
-        let mut result = shared.store.append_records(&batch.session_id, &rows).await;
+        let mut result = shared.store.append_records(&session, &rows).await;
         for pause in [100, 400, 1600] {
             if result.is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(pause)).await;
-            result = shared.store.append_records(&batch.session_id, &rows).await;
+            result = shared.store.append_records(&session, &rows).await;
         }
         match result {
             Ok(stored) => {
                 let ack = relay_message::Msg::SpillAck(SpillAck {
-                    session_id: batch.session_id,
+                    session_id: session,
                     persisted_seq: stored,
                 });
                 if !tunnel.send(ack).await {
@@ -258,7 +259,7 @@ async fn persist_spills(
             Err(e) => {
                 // Not acknowledged: the agent keeps the records. Ending the tunnel makes it
                 // reconnect and resend them.
-                tracing::error!(agent = %tunnel.agent, session = %batch.session_id, "spilled records not stored, closing the tunnel: {e}");
+                tracing::error!(agent = %tunnel.agent, session = %session, "spilled records not stored, closing the tunnel: {e}");
                 break;
             }
         }

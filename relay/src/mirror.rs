@@ -52,27 +52,28 @@ pub fn session_info(row: &SessionRow, next_seq: u64, acked_seq: u64) -> SessionI
     }
 }
 
-/// A record as stored. `None` for a record without a kind (nothing to keep).
-pub fn record_row(r: &Record) -> Option<RecordRow> {
+/// A record as stored (its output moved, not copied). `None` for a record without a kind
+/// (nothing to keep).
+pub fn record_row(r: Record) -> Option<RecordRow> {
     let mut row = RecordRow {
         seq: r.seq,
         command_id: r.command_id,
         ..Default::default()
     };
-    match r.kind.as_ref()? {
+    match r.kind? {
         record::Kind::Output(o) => {
             row.kind = KIND_OUTPUT;
             row.stream = o.stream;
-            row.data = o.data.clone();
+            row.data = o.data;
         }
         record::Kind::Started(s) => {
             row.kind = KIND_STARTED;
-            row.command = Some(s.command.clone());
+            row.command = Some(s.command);
         }
         record::Kind::Exit(e) => {
             row.kind = KIND_EXIT;
             row.exit_code = Some(e.code);
-            row.signal = (!e.signal.is_empty()).then(|| e.signal.clone());
+            row.signal = (!e.signal.is_empty()).then_some(e.signal);
         }
     }
     Some(row)
@@ -133,11 +134,11 @@ mod tests {
             },
         ];
         for r in records {
-            let row = record_row(&r).expect("a kind");
+            let row = record_row(r.clone()).expect("a kind");
             assert_eq!(record(row), r);
         }
         assert!(
-            record_row(&Record {
+            record_row(Record {
                 seq: 4,
                 command_id: 0,
                 kind: None

@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
             }
             Some(agent_message::Msg::Spill(b)) => {
                 for r in &b.records {
-                    if let Some(row) = mirror::record_row(r) {
+                    if let Some(row) = mirror::record_row(r.clone()) {
                         let back = mirror::record(row);
                         assert_eq!(back.seq, r.seq);
                     }
