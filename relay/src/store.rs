@@ -355,6 +355,9 @@ impl Store {
                     // (a power loss may lose the last transactions, never corrupt the file).
                     conn.execute("PRAGMA synchronous = NORMAL").await?;
                     conn.execute("PRAGMA temp_store = MEMORY").await?;
+                    // Checkpoints run beside the writers (see `checkpointer`), not inside
+                    // the commit that happens to fill the log.
+                    conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
                     // Only takes effect while the file is still empty (before WAL is set).
                     conn.execute(AssertSqlSafe(format!(
                         "PRAGMA page_size = {SQLITE_PAGE_SIZE}"
@@ -371,6 +374,7 @@ impl Store {
             pool.execute("PRAGMA journal_mode = WAL")
                 .await
                 .map_err(open_err)?;
+            tokio::spawn(checkpointer(pool.clone()));
         }
 
         let mut tx = pool.begin().await.map_err(open_err)?;
@@ -1263,6 +1267,44 @@ fn parse_secret<'t>(token: &'t str, prefix: &str) -> Option<(&'t str, [u8; SECRE
     let secret: [u8; SECRET_BYTES] = bytes.try_into().ok()?;
     Some((id, secret))
 }
+
+/// Copy the write-ahead log into the database twice a second, off the writers' path: with
+/// SQLite's automatic checkpoint the commit that fills the log pays for copying all of it,
+/// which stalled spill acknowledgements; here appends continue while the copy runs. A
+/// passive checkpoint never blocks anyone; a restart checkpoint follows when the log has
+/// grown large, so that it starts over instead of growing. Ends when the pool closes.
+async fn checkpointer(pool: AnyPool) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_optional(&pool)
+            .await;
+        let log_pages = match row {
+            Ok(Some(r)) => r.try_get::<i64, _>(1).unwrap_or(0),
+            Ok(None) => 0,
+            Err(e) => {
+                if pool.is_closed() {
+                    return;
+                }
+                tracing::warn!("store checkpoint failed: {e}");
+                continue;
+            }
+        };
+        if log_pages * i64::from(SQLITE_PAGE_SIZE) > WAL_RESTART_BYTES
+            && let Err(e) = pool.execute("PRAGMA wal_checkpoint(RESTART)").await
+        {
+            tracing::warn!("store checkpoint (restart) failed: {e}");
+        }
+    }
+}
+
+/// Write-ahead log size beyond which the checkpointer makes it start over.
+const WAL_RESTART_BYTES: i64 = 256 << 20;
 
 /// argon2id parameters for the relay's secrets: 4 MiB, one pass. The secrets are 32 random
 /// bytes, so their strength is their entropy, not the hash's cost (which guards guessable
