@@ -206,12 +206,7 @@ fn a_join_token_enrols_once_and_wrong_credentials_are_refused() {
         .spawn()
         .unwrap();
     let err = forger.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = lines_of(err);
     let deadline = Instant::now() + T;
     let mut log = String::new();
     while Instant::now() < deadline && !log.contains("credential was refused") {
@@ -317,6 +312,44 @@ fn a_cut_tunnel_loses_nothing_and_the_session_keeps_running() {
     let out = run(remote(&home_b, &relay, &alice).args(["session", "list"]));
     let row = stdout(&out);
     assert!(row.contains(&id) && row.contains("(online)"), "{row}");
+}
+
+#[test]
+fn output_persisted_in_the_relay_is_listed_and_received_while_the_agent_is_gone() {
+    let relay = Relay::start();
+    let agent = agent_on(&relay, "agent1", None);
+    let alice = relay.add_user("alice");
+    let (home_a, home_b) = (Client::new(), Client::new());
+    let id = new_session(&home_a, &relay, &alice, "agent1");
+    start_counter(&home_a, &relay, &alice, &id, 100);
+    // Give the counter time to finish and the agent time to spill it.
+    std::thread::sleep(Duration::from_secs(3));
+    // The agent dies without a word: only the relay has the output now.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let deadline = Instant::now() + T;
+    loop {
+        let out = run(remote(&home_b, &relay, &alice).args(["session", "list"]));
+        let listing = stdout(&out);
+        if listing.contains(&id) && listing.contains("(offline)") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not listed as offline: {listing}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = run(remote(&home_b, &relay, &alice).args(["receive", &id]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(check_counter(&stdout(&out)), 100);
+    assert!(stderr(&out).contains("offline"), "{}", stderr(&out));
+    // Input needs the agent: refused with the reason.
+    let out = run(remote(&home_b, &relay, &alice).args(["exec", &id, "--", "true"]));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("offline"), "{}", stderr(&out));
 }
 
 #[test]
