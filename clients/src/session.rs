@@ -389,9 +389,13 @@ pub fn recorded_targets() -> Vec<String> {
 
 /// Remember that session `id` lives on `target`.
 pub fn record(id: &str, target: &str) -> Result<(), SessionError> {
-    let path = record_file();
+    append_line(&record_file(), &format!("{id} {target}"))
+}
+
+/// Append one line to a client record file, making its directory when needed.
+fn append_line(path: &std::path::Path, line: &str) -> Result<(), SessionError> {
     let err = |source| SessionError::Record {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     };
     if let Some(dir) = path.parent() {
@@ -400,9 +404,9 @@ pub fn record(id: &str, target: &str) -> Result<(), SessionError> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&path)
+        .open(path)
         .map_err(err)?;
-    writeln!(f, "{id} {target}").map_err(err)
+    writeln!(f, "{line}").map_err(err)
 }
 
 /// Every recorded session: (id, target as written), oldest first.
@@ -444,20 +448,7 @@ pub fn commands_file() -> PathBuf {
 
 /// Remember that command `command` runs in session `session`.
 pub fn record_command(session: &str, command: &str) -> Result<(), SessionError> {
-    let path = commands_file();
-    let err = |source| SessionError::Record {
-        path: path.clone(),
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map_err(err)?;
-    writeln!(f, "{session} {command}").map_err(err)
+    append_line(&commands_file(), &format!("{session} {command}"))
 }
 
 /// The commands recorded in session `session`, oldest first.

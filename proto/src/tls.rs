@@ -30,11 +30,11 @@ pub fn fingerprint(der: &[u8]) -> String {
 /// `None` when it is not a SHA-256 fingerprint.
 pub fn parse_fingerprint(given: &str) -> Option<String> {
     let t = given.trim();
-    let b64 = t
-        .strip_prefix("SHA256:")
-        .or_else(|| t.strip_prefix("sha256:"))
-        .unwrap_or(t)
-        .trim_end_matches('=');
+    let b64 = match t.get(..7) {
+        Some(p) if p.eq_ignore_ascii_case("sha256:") => &t[7..],
+        _ => t,
+    }
+    .trim_end_matches('=');
     let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
         .decode(b64)
         .ok()?;

@@ -121,8 +121,9 @@ impl Tunnel {
         }
     }
 
-    /// Open channels (for tests and status).
-    pub fn channel_count(&self) -> usize {
+    /// Open channels.
+    #[cfg(test)]
+    fn channel_count(&self) -> usize {
         self.slots().len()
     }
 
@@ -262,7 +263,8 @@ impl Registry {
     }
 
     /// [`Registry::prepare`] and [`Registry::publish`] at once.
-    pub fn register(
+    #[cfg(test)]
+    fn register(
         &self,
         agent: &str,
         software: &str,
@@ -293,10 +295,6 @@ impl Registry {
 
     pub fn is_online(&self, agent: &str) -> bool {
         self.map().contains_key(agent)
-    }
-
-    pub fn online_count(&self) -> usize {
-        self.map().len()
     }
 
     /// Notified whenever a tunnel comes up or goes down.

@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 
-from benchlib import num, read_results, stats, stats_of, status_field  # noqa: F401
+from benchlib import num, print_table, read_results, stats, stats_of, status_field  # noqa: F401
 
 
 def free_port():
@@ -136,10 +136,8 @@ def table(path):
         ("yes" if a_rss <= 10.0 else "no") if a_rss is not None else "no (measurement failed)",
     ))
 
-    print("| metric | remote-agent | sshd | agent/sshd | target | met |")
-    print("|---|---:|---:|---:|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(["metric", "remote-agent", "sshd", "agent/sshd", "target", "met"],
+                ["---", "---:", "---:", "---:", "---", "---"], rows)
 
 
 def main():

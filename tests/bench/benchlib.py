@@ -74,3 +74,12 @@ def parse_opts(args):
         parsed[args[j][2:]] = args[j + 1]
         j += 2
     return parsed
+
+
+def print_table(header, aligns, rows):
+    """A Markdown table: `header` cells, `aligns` the separator cells (`---`, `---:`), rows of
+    cells (strings)."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(aligns) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")

@@ -84,6 +84,8 @@ DIAG_ENV="MALLOC_MMAP_THRESHOLD_=1048576"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'relay.sh: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=benchlib.sh
+. "$HERE/benchlib.sh"
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 
 for v in TUNNELS WARMUP IDLE_SECS CONCURRENCY SPILL_BYTES SPILL_IN_FLIGHT KEYS KEY_GAP_MS ECHO_ROUNDS; do
@@ -115,11 +117,7 @@ if part 3; then
         "$PY" -c 'import os; os.pidfd_open' 2>/dev/null || die "$PY lacks os.pidfd_open (Python >= 3.9 on Linux >= 5.3 needed)"
         [[ -x $AGENT_BIN ]] || die "agent binary $AGENT_BIN not found. Build it: (cd $REPO && cargo build --release -p remote-agent -p remote-client)"
         [[ -x $CLIENT_BIN ]] || die "client binary $CLIENT_BIN not found. Build it: (cd $REPO && cargo build --release -p remote-agent -p remote-client)"
-        if ! getent passwd "$OS_USER" >/dev/null; then
-            command -v useradd >/dev/null || die "OS user $OS_USER is missing and useradd is not available (apt-get install passwd)"
-            log "creating OS user $OS_USER (login shell /bin/sh): useradd --create-home --shell /bin/sh $OS_USER"
-            useradd --create-home --shell /bin/sh "$OS_USER" || die "useradd $OS_USER failed"
-        fi
+        ensure_os_user "$OS_USER"
         OS_SHELL="$(getent passwd "$OS_USER" | cut -d: -f7)"
     fi
 fi

@@ -9,7 +9,7 @@ Subcommands:
 
 import sys
 
-from benchlib import num, read_results, status_field
+from benchlib import num, print_table, read_results, status_field
 
 
 def table(path):
@@ -107,10 +107,7 @@ def table(path):
         else:
             rows.append(("3. added by the relay at p50 [ms]", "n/a", "≤ 1", "no (measurement failed)"))
 
-    print("| metric | value | target | met |")
-    print("|---|---:|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(["metric", "value", "target", "met"], ["---", "---:", "---", "---"], rows)
 
 
 def main():

@@ -54,6 +54,8 @@ LAT_RUNS=10          # runs of the `remote run TARGET -- true` latency probes (d
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'sessions.sh: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=benchlib.sh
+. "$HERE/benchlib.sh"
 
 for v in REPLAY_BYTES REPLAY_RUNS KEYS KEY_GAP_MS FANOUT THROTTLE FANOUT_RUNS STALL_SECS; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer (got '${!v}')"
@@ -70,11 +72,7 @@ if [[ -x /usr/bin/python3 ]]; then PY=/usr/bin/python3; else PY="$(command -v py
 "$PY" -c 'import os; os.pidfd_open' 2>/dev/null || die "$PY lacks os.pidfd_open (Python >= 3.9 on Linux >= 5.3 needed)"
 [[ -x $AGENT_BIN ]] || die "agent binary $AGENT_BIN not found. Build it: (cd $REPO && cargo build --release -p remote-agent -p remote-client)"
 [[ -x $CLIENT_BIN ]] || die "client binary $CLIENT_BIN not found. Build it: (cd $REPO && cargo build --release -p remote-agent -p remote-client)"
-if ! getent passwd "$OS_USER" >/dev/null; then
-    command -v useradd >/dev/null || die "OS user $OS_USER is missing and useradd is not available (apt-get install passwd)"
-    log "creating OS user $OS_USER (login shell /bin/sh): useradd --create-home --shell /bin/sh $OS_USER"
-    useradd --create-home --shell /bin/sh "$OS_USER" || die "useradd $OS_USER failed"
-fi
+ensure_os_user "$OS_USER"
 OS_SHELL="$(getent passwd "$OS_USER" | cut -d: -f7)"
 
 # ---------------------------------------------------------------- state and teardown

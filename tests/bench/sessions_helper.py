@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from benchlib import num, read_results, split_cmd, stats, stats_of, status_field  # noqa: F401
+from benchlib import num, print_table, read_results, split_cmd, stats, stats_of, status_field  # noqa: F401
 
 
 
@@ -321,10 +321,7 @@ def table(path):
         rows.append(("3. fan-out speed-up, ssh time / remote run time", "n/a", "≥ 3×",
                      "no (measurement failed)"))
 
-    print("| metric | value | target | met |")
-    print("|---|---:|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(["metric", "value", "target", "met"], ["---", "---:", "---", "---"], rows)
 
 
 def main():

@@ -76,6 +76,8 @@ ACCOUNT=bench
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'winrm.sh: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=benchlib.sh
+. "$HERE/benchlib.sh"
 
 for v in CLIENTS PROCS WARMUP SECS SPAWN_N; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer (got '${!v}')"
@@ -97,11 +99,7 @@ if [[ $(id -u) -eq 0 && $OS_USER == root ]]; then
     RUN_AS=()
     log "BENCH_OS_USER=root: the account has no --run-as, the commands run as root"
 elif [[ $(id -u) -eq 0 ]]; then
-    if ! getent passwd "$OS_USER" >/dev/null; then
-        command -v useradd >/dev/null || die "OS user $OS_USER is missing and useradd is not available (apt-get install passwd)"
-        log "creating OS user $OS_USER (login shell /bin/sh): useradd --create-home --shell /bin/sh $OS_USER"
-        useradd --create-home --shell /bin/sh "$OS_USER" || die "useradd $OS_USER failed"
-    fi
+    ensure_os_user "$OS_USER"
     RUN_AS=(--run-as "$OS_USER")
 else
     OS_USER="$(id -un)"

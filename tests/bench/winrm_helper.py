@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 
-from benchlib import num, parse_opts, read_results, split_cmd, status_field
+from benchlib import num, parse_opts, print_table, read_results, split_cmd, status_field
 
 # ------------------------------------------------------------------ WinRM envelopes
 # Byte for byte what pywinrm 0.5.0 sends for Session.run_cmd (xmltodict.unparse of its
@@ -646,10 +646,7 @@ def table(path):
         rows.append((f"3. {label}: agent RSS after the window (peak) [MiB]",
                      cell(p + "rss_end_mib", "{:.1f}") + " (" + cell(p + "hwm_mib", "{:.1f}") + ")",
                      "— (info)", "—"))
-    print("| metric | value | target | met |")
-    print("|---|---:|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(["metric", "value", "target", "met"], ["---", "---:", "---", "---"], rows)
 
 
 def main():

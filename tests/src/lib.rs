@@ -189,14 +189,7 @@ impl Agent {
             .spawn()
             .expect("start remote-agent");
         let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = lines_of(stderr);
         let mut log_lines = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         let want_http = winrm.as_ref().is_some_and(|w| w.http);
@@ -504,6 +497,19 @@ pub fn run_with_timeout(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Durati
     let out = child.wait_with_output().expect("wait");
     let _ = done_tx.send(());
     out
+}
+
+/// The lines a child process writes to `pipe`, as they come, read by a thread of their own.
+pub fn lines_of(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// stdout of an Output as a string.

@@ -3,7 +3,6 @@
 //! that can cut an agent's tunnel without touching the agent, and a raw gRPC channel for
 //! probing the relay with calls the `remote` client would never make.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -75,32 +74,22 @@ impl Relay {
     pub fn restart(&mut self) {
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (child, log, log_lines, addr, fingerprint) =
-                match try_spawn(&self.data_dir, &self.addr.to_string()) {
-                    Ok(s) => s,
-                    Err(e) if Instant::now() < deadline => {
-                        // The port may linger a moment after a kill.
-                        let _ = e;
-                        std::thread::sleep(Duration::from_millis(200));
-                        continue;
-                    }
-                    Err(e) => panic!("relay did not restart: {e}"),
-                };
-            assert_eq!(addr, self.addr);
-            assert_eq!(
-                fingerprint, self.fingerprint,
-                "the certificate must persist"
-            );
-            self.child = Some(child);
-            self.log = log;
-            self.log_lines = log_lines;
-            return;
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap_or(0)
+        // The port may linger a moment after a kill: retry until the deadline.
+        let (child, log, log_lines, addr, fingerprint) = loop {
+            match try_spawn(&self.data_dir, &self.addr.to_string()) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => panic!("relay did not restart: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        };
+        assert_eq!(addr, self.addr);
+        assert_eq!(
+            fingerprint, self.fingerprint,
+            "the certificate must persist"
+        );
+        self.child = Some(child);
+        self.log = log;
+        self.log_lines = log_lines;
     }
 
     /// Everything the relay logged so far (since its last start).
@@ -185,14 +174,7 @@ fn try_spawn(data_dir: &Path, listen: &str) -> Result<Spawned, String> {
         .spawn()
         .map_err(|e| format!("cannot start remote-relay: {e}"))?;
     let err = child.stderr.take().ok_or("no stderr")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = crate::lines_of(err);
     let mut lines = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -24,11 +24,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD_NO_PAD;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -96,33 +93,14 @@ pub enum TlsError {
     },
 }
 
-/// `SHA256:<base64 without padding>` of a certificate's DER (the form remote-agent prints).
-pub fn fingerprint(der: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, der);
-    format!("SHA256:{}", STANDARD_NO_PAD.encode(digest.as_ref()))
-}
+pub use remote_proto::tls::{fingerprint, provider};
 
 /// Normalise a fingerprint given on the command line (`SHA256:` prefix optional, padding
 /// optional).
 pub fn parse_fingerprint(given: &str) -> Result<String, TlsError> {
-    let bad = || TlsError::BadFingerprint {
+    remote_proto::tls::parse_fingerprint(given).ok_or_else(|| TlsError::BadFingerprint {
         given: given.to_string(),
-    };
-    let t = given.trim();
-    let t = match t.get(..7) {
-        Some(p) if p.eq_ignore_ascii_case("sha256:") => &t[7..],
-        _ => t,
-    };
-    let t = t.trim_end_matches('=');
-    let bytes = STANDARD_NO_PAD.decode(t).map_err(|_| bad())?;
-    if bytes.len() != 32 {
-        return Err(bad());
-    }
-    Ok(format!("SHA256:{}", STANDARD_NO_PAD.encode(bytes)))
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    })
 }
 
 /// The system's trusted CA certificates, loaded on first need and kept for the process. A
@@ -369,7 +347,8 @@ struct PinVerifier {
     system: Option<Arc<WebPkiServerVerifier>>,
     /// The fingerprint of the certificate presented, and whether `system` accepted it.
     seen: Mutex<Option<(String, bool)>>,
-    algorithms: WebPkiSupportedAlgorithms,
+    /// Checks handshake signatures against the presented certificate's key.
+    signatures: remote_proto::tls::PinnedCert,
 }
 
 impl PinVerifier {
@@ -378,7 +357,7 @@ impl PinVerifier {
             expected,
             system,
             seen: Mutex::new(None),
-            algorithms: provider().signature_verification_algorithms,
+            signatures: remote_proto::tls::PinnedCert::new(None),
         }
     }
 
@@ -442,7 +421,7 @@ impl ServerCertVerifier for PinVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        self.signatures.check_signature(false, message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -451,11 +430,11 @@ impl ServerCertVerifier for PinVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        self.signatures.check_signature(true, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
+        self.signatures.supported_verify_schemes()
     }
 }
 
