@@ -47,6 +47,15 @@ fn agent_on(relay: &Relay, name: &str, via: Option<SocketAddr>) -> Agent {
     agent
 }
 
+/// `remote-agent run` with no listener of its own, state in `state`: add the relay flags.
+fn relay_only_agent(state: &std::path::Path) -> Command {
+    let mut cmd = Command::new(bin("remote-agent"));
+    cmd.args(["run", "--ssh", "off", "--socket", "off"])
+        .args(["--winrm-http", "off", "--winrm-https", "off", "--state-dir"])
+        .arg(state);
+    cmd
+}
+
 /// `remote` on machine `client` as the relay user whose token is `token`.
 fn remote(client: &Client, relay: &Relay, token: &str) -> Command {
     let mut cmd = client.remote();
@@ -159,18 +168,7 @@ fn a_join_token_enrols_once_and_wrong_credentials_are_refused() {
     // The same token again, for another agent: refused, and the agent says why and stops.
     let other = tempfile::tempdir().unwrap();
     let out = run_with_timeout(
-        Command::new(bin("remote-agent"))
-            .args([
-                "run",
-                "--ssh",
-                "off",
-                "--socket",
-                "off",
-                "--winrm-http",
-                "off",
-            ])
-            .args(["--winrm-https", "off", "--state-dir"])
-            .arg(other.path().join("state"))
+        relay_only_agent(&other.path().join("state"))
             .args(relay.agent_args("agent2", &token, None)),
         None,
         T,
@@ -187,18 +185,7 @@ fn a_join_token_enrols_once_and_wrong_credentials_are_refused() {
         "ra_AAAAAAAAAAAAAAAA.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n",
     )
     .unwrap();
-    let mut forger = Command::new(bin("remote-agent"))
-        .args([
-            "run",
-            "--ssh",
-            "off",
-            "--socket",
-            "off",
-            "--winrm-http",
-            "off",
-        ])
-        .args(["--winrm-https", "off", "--state-dir"])
-        .arg(&state)
+    let mut forger = relay_only_agent(&state)
         .args(["--relay", &relay.addr.to_string(), "--name", "agent3"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -343,39 +343,28 @@ impl Trust {
 /// WebPKI verification against the system's roots is accepted first, whatever is pinned.
 #[derive(Debug)]
 struct PinVerifier {
-    expected: Option<String>,
     system: Option<Arc<WebPkiServerVerifier>>,
-    /// The fingerprint of the certificate presented, and whether `system` accepted it.
-    seen: Mutex<Option<(String, bool)>>,
-    /// Checks handshake signatures against the presented certificate's key.
-    signatures: remote_proto::tls::PinnedCert,
+    /// The pin (`None`: first use), the fingerprint seen, and the handshake signatures.
+    pinned: remote_proto::tls::PinnedCert,
+    /// Whether `system` accepted the certificate (so it is not to be pinned).
+    by_system: std::sync::atomic::AtomicBool,
 }
 
 impl PinVerifier {
     fn new(expected: Option<String>, system: Option<Arc<WebPkiServerVerifier>>) -> PinVerifier {
         PinVerifier {
-            expected,
             system,
-            seen: Mutex::new(None),
-            signatures: remote_proto::tls::PinnedCert::new(None),
+            pinned: remote_proto::tls::PinnedCert::new(expected),
+            by_system: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     fn seen(&self) -> Option<String> {
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|(fp, _)| fp.clone())
+        self.pinned.seen()
     }
 
-    /// Whether the certificate was accepted on the system's roots (so it is not to be pinned).
     fn by_system(&self) -> bool {
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_some_and(|(_, by_system)| *by_system)
+        self.by_system.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -388,7 +377,15 @@ impl ServerCertVerifier for PinVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let fp = fingerprint(end_entity.as_ref());
+        // The pin's verdict (which also records the fingerprint seen) stands unless the
+        // system's roots vouch for the certificate.
+        let pinned = self.pinned.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
         if let Some(system) = &self.system {
             match system.verify_server_cert(
                 end_entity,
@@ -398,21 +395,17 @@ impl ServerCertVerifier for PinVerifier {
                 now,
             ) {
                 Ok(verified) => {
-                    *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some((fp, true));
+                    self.by_system
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     return Ok(verified);
                 }
                 Err(e) => tracing::debug!(
-                    "certificate {fp} not trusted by the system's roots ({e}); checking the pinned certificates"
+                    "certificate {} not trusted by the system's roots ({e}); checking the pinned certificates",
+                    self.seen().unwrap_or_default()
                 ),
             }
         }
-        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some((fp.clone(), false));
-        match &self.expected {
-            Some(expected) if *expected != fp => Err(rustls::Error::General(format!(
-                "certificate {fp} is not the expected {expected}"
-            ))),
-            _ => Ok(ServerCertVerified::assertion()),
-        }
+        pinned
     }
 
     fn verify_tls12_signature(
@@ -421,7 +414,7 @@ impl ServerCertVerifier for PinVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.signatures.check_signature(false, message, cert, dss)
+        self.pinned.check_signature(false, message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -430,11 +423,11 @@ impl ServerCertVerifier for PinVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.signatures.check_signature(true, message, cert, dss)
+        self.pinned.check_signature(true, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.signatures.supported_verify_schemes()
+        self.pinned.supported_verify_schemes()
     }
 }
 
