@@ -1,5 +1,6 @@
-//! The agent's outbound tunnel to a relay (design.md §1, relay.proto `AgentTunnel`), for
-//! hosts nobody can dial into. The agent enrols once with a join token and keeps the
+//! The agent's outbound tunnel to a relay (design.md §1; relay.proto's tunnel messages over
+//! [`remote_proto::tunnel`]), for hosts nobody can dial into. The agent enrols once (the
+//! `AgentTunnel/Enrol` gRPC call) with a join token and keeps the
 //! per-agent credential it gets in its state dir (0600); the relay's certificate is pinned
 //! on first contact (or given). It then holds one tunnel, reconnecting with jittered
 //! exponential backoff (capped at a minute), and on it:
@@ -21,11 +22,12 @@ use futures::StreamExt;
 use remote_proto::relay::agent_tunnel_client::AgentTunnelClient;
 use remote_proto::relay::{
     AgentHello, AgentMessage, ChannelClosed, ChannelData, EnrolRequest, Keepalive, RelayMessage,
-    SessionUpdate, SpillBatch, agent_message, relay_message,
+    SessionUpdate, SpillBatch, TunnelOpen, agent_message, relay_message,
 };
 use remote_proto::session::SessionInfo;
 use remote_proto::tls::PinnedCert;
-use tokio::io::AsyncWriteExt;
+use remote_proto::tunnel::{self, FrameReader};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
@@ -44,7 +46,6 @@ pub const FINGERPRINT_FILE: &str = "relay_fingerprint";
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const KEEPALIVE_EVERY: Duration = Duration::from_secs(30);
 /// How often the session mirror is compared with the host's sessions.
 const MIRROR_EVERY: Duration = Duration::from_millis(200);
 /// Payload bytes per spill batch.
@@ -126,46 +127,51 @@ impl RelayLink {
 
     /// Connect (enrolling first if needed) and serve one tunnel until it ends.
     async fn session(&self) -> Result<(), LinkError> {
-        let channel = self.connect().await?;
-        let mut client = AgentTunnelClient::new(channel)
-            .max_decoding_message_size(remote_proto::MAX_FRAME_BYTES * 4);
         let credential = match read_secret(&self.credential_path()) {
             Some(c) => c,
-            None => self.enrol(&mut client).await?,
+            None => self.enrol().await?,
         };
-        let (tx, rx) = mpsc::channel::<AgentMessage>(256);
-        let hello = self.hello();
-        let _ = tx
-            .send(AgentMessage {
-                msg: Some(agent_message::Msg::Hello(hello)),
-            })
-            .await;
-        let mut req = tonic::Request::new(receiver_stream(rx));
-        let value = format!("Agent {credential}")
-            .parse()
-            .map_err(|_| self.err("the stored credential is not valid text: re-enrol"))?;
-        req.metadata_mut().insert("authorization", value);
-        let mut inbound = client
-            .tunnel(req)
+        let tls = self.connect(tunnel::ALPN).await?;
+        let (rd, mut wr) = tokio::io::split(tls);
+        let hello = AgentMessage {
+            msg: Some(agent_message::Msg::Hello(self.hello())),
+        };
+        let greet = async {
+            tunnel::write(&mut wr, &TunnelOpen { credential }).await?;
+            tunnel::write(&mut wr, &hello).await?;
+            wr.flush().await
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, greet)
             .await
-            .map_err(|s| self.err(format!("tunnel refused: {}", s.message())))?
-            .into_inner();
-        let first = tokio::time::timeout(CONNECT_TIMEOUT, inbound.message()).await;
+            .map_err(|_| self.err("the relay did not take the tunnel's greeting within 10 s"))?
+            .map_err(|e| self.err(format!("the tunnel broke during its greeting: {e}")))?;
+        let mut inbound = Inbound {
+            reader: FrameReader::new(tunnel::MAX_MESSAGE_BYTES),
+            rd,
+        };
+        let first =
+            tokio::time::timeout(CONNECT_TIMEOUT, inbound.reader.message(&mut inbound.rd)).await;
         let persisted = match first {
             Ok(Ok(Some(RelayMessage {
                 msg: Some(relay_message::Msg::Hello(h)),
             }))) => h.persisted,
-            Ok(Err(s)) => return Err(self.err(format!("tunnel refused: {}", s.message()))),
+            Ok(Ok(Some(RelayMessage {
+                msg: Some(relay_message::Msg::Refused(r)),
+            }))) => return Err(self.err(format!("tunnel refused: {}", r.message))),
+            Ok(Err(e)) => return Err(self.err(format!("the tunnel broke: {e}"))),
             _ => return Err(self.err("the relay did not answer the tunnel's hello")),
         };
         tracing::info!(relay = %self.settings.addr, "tunnel up");
+        let (tx, rx) = mpsc::channel::<AgentMessage>(256);
+        let stop = CancellationToken::new();
+        let writer = tokio::spawn(write_tunnel(wr, rx, stop.clone()));
         let mut tunnel = Tunnel {
             link: self,
             tx,
             channels: HashMap::new(),
             spills: HashMap::new(),
             mirror: HashMap::new(),
-            stop: CancellationToken::new(),
+            stop,
         };
         for (id, seq) in persisted {
             if let Some(s) = self.host.find(&id) {
@@ -174,6 +180,8 @@ impl RelayLink {
         }
         let result = tunnel.serve(&mut inbound).await;
         tunnel.stop.cancel();
+        drop(tunnel);
+        let _ = writer.await;
         result
     }
 
@@ -202,14 +210,14 @@ impl RelayLink {
         }
     }
 
-    async fn enrol(
-        &self,
-        client: &mut AgentTunnelClient<tonic::transport::Channel>,
-    ) -> Result<String, LinkError> {
+    /// Exchange the join token for a credential (a gRPC call) and keep it.
+    async fn enrol(&self) -> Result<String, LinkError> {
         let addr = self.settings.addr.clone();
         let Some(token) = &self.join_token else {
             return Err(LinkError::NoJoinToken { addr });
         };
+        let channel = self.grpc().await?;
+        let mut client = AgentTunnelClient::new(channel);
         let req = EnrolRequest {
             join_token: token.clone(),
             agent_name: self.name.clone(),
@@ -232,8 +240,26 @@ impl RelayLink {
         Ok(credential)
     }
 
-    /// TCP, then TLS against the pinned certificate (pinning it on first contact).
-    async fn connect(&self) -> Result<tonic::transport::Channel, LinkError> {
+    /// A TLS connection offering `alpn`, to the pinned certificate (pinned on first contact).
+    async fn connect(&self, alpn: &[u8]) -> Result<RelayStream, LinkError> {
+        let pin = self.pin()?;
+        let result = dial(&self.settings, pin.config(alpn)).await;
+        pin.settle(self, result)
+    }
+
+    /// A gRPC channel (HTTP/2) to the relay, for enrolment.
+    async fn grpc(&self) -> Result<tonic::transport::Channel, LinkError> {
+        let pin = self.pin()?;
+        let (settings, config) = (self.settings.clone(), pin.config(b"h2"));
+        let connect = move || dial_owned(settings.clone(), config.clone());
+        let result = remote_proto::tls::grpc_channel(&self.settings.addr, connect)
+            .await
+            .map_err(|e| remote_proto::tls::root_cause(&e));
+        pin.settle(self, result.map_err(std::io::Error::other))
+    }
+
+    /// What is pinned for this relay, and a verifier that records what it sees.
+    fn pin(&self) -> Result<Pin, LinkError> {
         let file = self.state_dir.join(FINGERPRINT_FILE);
         let key = self.settings.addr.to_ascii_lowercase();
         let pinned = match &self.settings.fingerprint {
@@ -245,68 +271,16 @@ impl RelayLink {
             None => read_pin(&file, &key),
         };
         let verifier = Arc::new(PinnedCert::new(pinned.clone()));
-        let mut config = verifier
+        let config = verifier
             .client_config()
             .map_err(|e| self.err(format!("TLS setup: {e}")))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let config = Arc::new(config);
-        let (addr, host) = (self.settings.addr.clone(), self.settings.host.clone());
-        let connect = move || {
-            let (addr, host, config) = (addr.clone(), host.clone(), config.clone());
-            async move {
-                let tcp =
-                    tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr))
-                        .await
-                        .map_err(|_| {
-                            std::io::Error::new(
-                                std::io::ErrorKind::TimedOut,
-                                "connection timed out",
-                            )
-                        })??;
-                let _ = tcp.set_nodelay(true);
-                let name = rustls::pki_types::ServerName::try_from(host)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-                tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    tokio_rustls::TlsConnector::from(config).connect(name, tcp),
-                )
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
-                })?
-            }
-        };
-        let result = remote_proto::tls::grpc_channel(&self.settings.addr, connect).await;
-        let channel = match result {
-            Ok(c) => c,
-            Err(e) => {
-                if let (Some(seen), Some(pin)) = (verifier.seen(), &pinned)
-                    && seen != *pin
-                {
-                    return Err(LinkError::CertificateChanged {
-                        addr: self.settings.addr.clone(),
-                        seen,
-                        pinned: pin.clone(),
-                        file,
-                    });
-                }
-                return Err(self.err(format!(
-                    "cannot connect: {}. Is remote-relay running there?",
-                    remote_proto::tls::root_cause(&e)
-                )));
-            }
-        };
-        if pinned.is_none()
-            && let Some(seen) = verifier.seen()
-        {
-            crate::paths::write_private_atomic(&file, format!("{key} {seen}\n").as_bytes())
-                .map_err(|source| LinkError::Write {
-                    path: file.clone(),
-                    source,
-                })?;
-            tracing::info!(relay = %self.settings.addr, "first contact: pinned the relay's certificate {seen} in {}", file.display());
-        }
-        Ok(channel)
+        Ok(Pin {
+            file,
+            key,
+            pinned,
+            verifier,
+            config,
+        })
     }
 
     /// The principal the relay asserts, under this agent's accounts.
@@ -356,20 +330,27 @@ impl Tunnel<'_> {
             .map_err(|_| self.link.err("the tunnel closed"))
     }
 
-    async fn serve(
-        &mut self,
-        inbound: &mut tonic::Streaming<RelayMessage>,
-    ) -> Result<(), LinkError> {
-        let mut keepalive = tokio::time::interval(KEEPALIVE_EVERY);
+    async fn serve(&mut self, inbound: &mut Inbound) -> Result<(), LinkError> {
+        let mut keepalive = tokio::time::interval(tunnel::KEEPALIVE_EVERY);
         let mut mirror = tokio::time::interval(MIRROR_EVERY);
         let mut nonce = 0u64;
+        let mut heard = Instant::now();
         loop {
             tokio::select! {
-                m = inbound.message() => match m {
-                    Ok(Some(m)) => self.on_relay_message(m).await?,
+                m = inbound.reader.message(&mut inbound.rd) => match m {
+                    Ok(Some(m)) => {
+                        heard = Instant::now();
+                        self.on_relay_message(m).await?;
+                    }
                     Ok(None) => return Err(self.link.err("the relay closed the tunnel")),
-                    Err(s) => return Err(self.link.err(format!("the tunnel broke: {}", s.message()))),
+                    Err(e) => return Err(self.link.err(format!("the tunnel broke: {e}"))),
                 },
+                () = tokio::time::sleep_until((heard + tunnel::IDLE_TIMEOUT).into()) => {
+                    return Err(self.link.err(format!(
+                        "nothing heard from the relay in {} s",
+                        tunnel::IDLE_TIMEOUT.as_secs()
+                    )));
+                }
                 _ = keepalive.tick() => {
                     nonce += 1;
                     self.send(agent_message::Msg::Keepalive(Keepalive { nonce })).await?;
@@ -412,6 +393,11 @@ impl Tunnel<'_> {
                 if let Some(s) = self.link.host.find(&a.session_id) {
                     s.journal().persisted(a.persisted_seq);
                 }
+            }
+            relay_message::Msg::Refused(r) => {
+                return Err(self
+                    .link
+                    .err(format!("the relay closed the tunnel: {}", r.message)));
             }
             relay_message::Msg::Hello(_) | relay_message::Msg::Keepalive(_) => {}
         }
@@ -607,10 +593,130 @@ fn read_pin(file: &Path, key: &str) -> Option<String> {
         .map(|(_, fp)| fp.trim().to_string())
 }
 
-fn receiver_stream<T: Send + 'static>(
-    rx: mpsc::Receiver<T>,
-) -> impl futures::Stream<Item = T> + Send + 'static {
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
+/// The TLS connection to the relay.
+type RelayStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// The relay → agent half of a tunnel.
+struct Inbound {
+    reader: FrameReader,
+    rd: ReadHalf<RelayStream>,
+}
+
+/// Write what the tunnel's tasks queue, flushing whenever the queue runs dry, until the
+/// tunnel stops or a write fails (the reader then notices the dead connection).
+async fn write_tunnel(
+    mut wr: WriteHalf<RelayStream>,
+    mut rx: mpsc::Receiver<AgentMessage>,
+    stop: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            () = stop.cancelled() => break,
+        };
+        let write = async {
+            tunnel::write(&mut wr, &msg).await?;
+            if rx.is_empty() {
+                wr.flush().await?;
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        if !matches!(
+            tokio::time::timeout(tunnel::IDLE_TIMEOUT, write).await,
+            Ok(Ok(()))
+        ) {
+            stop.cancel();
+            break;
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), wr.shutdown()).await;
+}
+
+/// The pin state of one connection attempt.
+struct Pin {
+    file: PathBuf,
+    key: String,
+    pinned: Option<String>,
+    verifier: Arc<PinnedCert>,
+    config: rustls::ClientConfig,
+}
+
+impl Pin {
+    fn config(&self, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+        let mut config = self.config.clone();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Arc::new(config)
+    }
+
+    /// After connecting: a changed certificate is refused loudly, a first one is pinned.
+    fn settle<T>(self, link: &RelayLink, result: std::io::Result<T>) -> Result<T, LinkError> {
+        let seen = self.verifier.seen();
+        let value = match result {
+            Ok(v) => v,
+            Err(e) => {
+                if let (Some(seen), Some(pin)) = (seen, &self.pinned)
+                    && seen != *pin
+                {
+                    return Err(LinkError::CertificateChanged {
+                        addr: link.settings.addr.clone(),
+                        seen,
+                        pinned: pin.clone(),
+                        file: self.file,
+                    });
+                }
+                return Err(link.err(format!(
+                    "cannot connect: {}. Is remote-relay running there?",
+                    remote_proto::tls::root_cause(&e)
+                )));
+            }
+        };
+        if self.pinned.is_none()
+            && let Some(seen) = seen
+        {
+            let line = format!("{} {seen}\n", self.key);
+            crate::paths::write_private_atomic(&self.file, line.as_bytes()).map_err(|source| {
+                LinkError::Write {
+                    path: self.file.clone(),
+                    source,
+                }
+            })?;
+            tracing::info!(relay = %link.settings.addr, "first contact: pinned the relay's certificate {seen} in {}", self.file.display());
+        }
+        Ok(value)
+    }
+}
+
+/// TCP, then TLS with `config`, each under [`CONNECT_TIMEOUT`].
+async fn dial(
+    settings: &RelaySettings,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<RelayStream> {
+    let timed_out = |what: &str| std::io::Error::new(std::io::ErrorKind::TimedOut, what);
+    let tcp = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(&settings.addr),
+    )
+    .await
+    .map_err(|_| timed_out("connection timed out"))??;
+    let _ = tcp.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::try_from(settings.host.clone())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| timed_out("TLS handshake timed out"))?
+}
+
+async fn dial_owned(
+    settings: RelaySettings,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<RelayStream> {
+    dial(&settings, config).await
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use prost::Message;
 use tokio_util::codec::{Decoder, Encoder};
 
 pub mod tls;
+pub mod tunnel;
 
 /// The gRPC codec of the relay's services: prost messages, like tonic's default, with small
 /// initial buffers. A relay holds one stream per agent, mostly idle; tonic's 8 KiB encode

@@ -1,5 +1,6 @@
-//! The agent-facing service (relay.proto `AgentTunnel`): enrolment with a one-time join token,
-//! and the tunnel each agent holds open. On a tunnel the relay mirrors the agent's sessions
+//! The agent-facing side: enrolment with a one-time join token (relay.proto `AgentTunnel`),
+//! and the tunnel each agent holds open (a TLS connection of its own, see
+//! [`remote_proto::tunnel`]). On a tunnel the relay mirrors the agent's sessions
 //! into the store, persists the journal records the agent spills and acknowledges them
 //! (SpillAck) once they are durable, and routes channel traffic to the conversations.
 
@@ -7,19 +8,25 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::net::SocketAddr;
+
 use remote_proto::relay::agent_tunnel_server::AgentTunnel;
 use remote_proto::relay::{
-    AgentMessage, EnrolRequest, EnrolResponse, RelayHello, RelayMessage, SpillAck, SpillBatch,
-    agent_message, relay_message,
+    AgentHello, AgentMessage, EnrolRequest, EnrolResponse, RelayHello, RelayMessage, SpillAck,
+    SpillBatch, TunnelOpen, TunnelRefused, agent_message, relay_message,
 };
 use remote_proto::session::SessionState;
-use tokio::sync::mpsc;
-use tonic::{Request, Response, Status, Streaming};
+use remote_proto::tunnel::{self, FrameReader, TunnelError};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
 
 use crate::mirror;
-use crate::server::{Outbound, Shared, agent_of, store_status};
+use crate::server::{Shared, store_status};
 use crate::tunnels::Tunnel;
-use futures::StreamExt;
 
 /// How long an agent has to say Hello on a new tunnel.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -54,55 +61,151 @@ impl AgentTunnel for AgentService {
             relay_fingerprint: self.shared.fingerprint.clone(),
         }))
     }
+}
 
-    type TunnelStream = Outbound<RelayMessage>;
-
-    async fn tunnel(
-        &self,
-        req: Request<Streaming<AgentMessage>>,
-    ) -> Result<Response<Self::TunnelStream>, Status> {
-        let agent = agent_of(&self.shared, req.metadata()).await?;
-        let mut inbound = req.into_inner();
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(AgentMessage {
-                msg: Some(agent_message::Msg::Hello(h)),
-            }))) => h,
-            Ok(Ok(_)) => {
-                return Err(Status::invalid_argument(
-                    "the first message of a tunnel must be AgentHello",
-                ));
-            }
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(Status::deadline_exceeded("no AgentHello within 30 s")),
-        };
-        if hello.protocol_version != remote_proto::PROTOCOL_VERSION {
-            return Err(Status::failed_precondition(format!(
-                "protocol version {} is not supported; this relay speaks version {}: use an agent of the same release",
-                hello.protocol_version,
-                remote_proto::PROTOCOL_VERSION
-            )));
+/// Serve one tunnel connection (TLS with ALPN `remote-tunnel/1`, relay.proto top): the
+/// agent authenticates with TunnelOpen and says AgentHello, then the tunnel is served until
+/// it ends. `permit` holds the connection's place among `max_connections`.
+pub async fn serve_connection(
+    shared: Arc<Shared>,
+    tls: TlsStream<TcpStream>,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(tunnel::MAX_OPEN_BYTES);
+    let greeted = tokio::time::timeout(HELLO_TIMEOUT, greet(&shared, &mut reader, &mut rd)).await;
+    let (agent, hello) = match greeted {
+        Ok(Ok(greeted)) => greeted,
+        Ok(Err(status)) => return refuse(&mut wr, peer, status).await,
+        Err(_) => {
+            let status = Status::deadline_exceeded("no TunnelOpen and AgentHello within 30 s");
+            return refuse(&mut wr, peer, status).await;
         }
-        let software: String = hello.software.chars().take(64).collect();
-        let (tunnel, to_agent) = self.shared.registry.prepare(&agent, &software);
-        let shared = self.shared.clone();
-        // The stream to the agent is what the tunnel queues, until the tunnel closes.
-        let closed = tunnel.closed.clone();
-        let to_agent = futures::stream::unfold(to_agent, |mut rx| async move {
-            rx.recv().await.map(|m| (Ok(*m), rx))
-        })
-        .take_until(closed.clone().cancelled_owned());
-        tokio::spawn(async move {
-            let serve = serve_tunnel(shared.clone(), tunnel.clone(), hello, inbound);
-            let reason = tokio::select! {
-                r = serve => r,
-                () = closed.cancelled() => "replaced by a newer connection".to_string(),
-                () = shared.shutdown.cancelled() => "the relay is shutting down".to_string(),
-            };
-            tracing::info!(agent = %tunnel.agent, "tunnel down: {reason}");
-            shared.registry.unregister(&tunnel, &reason);
-            let _ = shared.store.touch_agent(&tunnel.agent).await;
-        });
-        Ok(Response::new(Box::pin(to_agent)))
+    };
+    let software: String = hello.software.chars().take(64).collect();
+    let (tunnel, to_agent) = shared.registry.prepare(&agent, &software);
+    let closed = tunnel.closed.clone();
+    // The writer ends with the tunnel; the tunnel ends when the writer fails.
+    let writer = tokio::spawn(write_tunnel(wr, to_agent, closed.clone()));
+    let reason = tokio::select! {
+        r = serve_tunnel(shared.clone(), tunnel.clone(), hello, Inbound { reader, rd }) => r,
+        () = closed.cancelled() => "replaced by a newer connection, or the agent stopped reading".to_string(),
+        () = shared.shutdown.cancelled() => "the relay is shutting down".to_string(),
+    };
+    tracing::info!(agent = %tunnel.agent, "tunnel down: {reason}");
+    shared.registry.unregister(&tunnel, &reason);
+    let _ = writer.await;
+    let _ = shared.store.touch_agent(&tunnel.agent).await;
+    drop(permit);
+}
+
+/// TunnelOpen (authenticated against the store), then AgentHello of a protocol this relay
+/// speaks.
+async fn greet(
+    shared: &Shared,
+    reader: &mut FrameReader,
+    rd: &mut ReadHalf<TlsStream<TcpStream>>,
+) -> Result<(String, AgentHello), Status> {
+    let broken = |e: TunnelError| Status::invalid_argument(format!("bad tunnel greeting: {e}"));
+    let open: TunnelOpen = reader
+        .message(rd)
+        .await
+        .map_err(broken)?
+        .ok_or_else(|| Status::cancelled("the agent closed the connection"))?;
+    let agent = shared
+        .store
+        .verify_agent(open.credential.trim())
+        .await
+        .map_err(store_status)?;
+    reader.set_max(tunnel::MAX_MESSAGE_BYTES);
+    let first: AgentMessage = reader
+        .message(rd)
+        .await
+        .map_err(broken)?
+        .ok_or_else(|| Status::cancelled("the agent closed the connection"))?;
+    let Some(agent_message::Msg::Hello(hello)) = first.msg else {
+        return Err(Status::invalid_argument(
+            "the first message of a tunnel after TunnelOpen must be AgentHello",
+        ));
+    };
+    if hello.protocol_version != remote_proto::PROTOCOL_VERSION {
+        return Err(Status::failed_precondition(format!(
+            "protocol version {} is not supported; this relay speaks version {}: use an agent of the same release",
+            hello.protocol_version,
+            remote_proto::PROTOCOL_VERSION
+        )));
+    }
+    Ok((agent, hello))
+}
+
+/// Tell the agent why its tunnel is refused, then close.
+async fn refuse(wr: &mut WriteHalf<TlsStream<TcpStream>>, peer: SocketAddr, status: Status) {
+    tracing::info!("tunnel from {peer} refused: {}", status.message());
+    let msg = RelayMessage {
+        msg: Some(relay_message::Msg::Refused(TunnelRefused {
+            code: status.code() as i32,
+            message: status.message().to_string(),
+        })),
+    };
+    let bye = async {
+        tunnel::write(wr, &msg).await?;
+        wr.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), bye).await;
+}
+
+/// Write what is queued for the agent until the tunnel closes; flush whenever the queue
+/// runs dry. A write that fails (or stalls past the idle timeout) closes the tunnel.
+async fn write_tunnel(
+    mut wr: WriteHalf<TlsStream<TcpStream>>,
+    mut to_agent: mpsc::Receiver<Box<RelayMessage>>,
+    closed: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            m = to_agent.recv() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            () = closed.cancelled() => break,
+        };
+        let write = async {
+            tunnel::write(&mut wr, &*msg).await?;
+            if to_agent.is_empty() {
+                wr.flush().await?;
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        match tokio::time::timeout(tunnel::IDLE_TIMEOUT, write).await {
+            Ok(Ok(())) => {}
+            _ => {
+                closed.cancel();
+                break;
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), wr.shutdown()).await;
+}
+
+/// The agent → relay half of a tunnel connection.
+struct Inbound {
+    reader: FrameReader,
+    rd: ReadHalf<TlsStream<TcpStream>>,
+}
+
+impl Inbound {
+    /// The next message, or why there is none.
+    async fn message(&mut self) -> Result<AgentMessage, String> {
+        match tokio::time::timeout(tunnel::IDLE_TIMEOUT, self.reader.message(&mut self.rd)).await {
+            Ok(Ok(Some(m))) => Ok(m),
+            Ok(Ok(None)) => Err("the agent closed the tunnel".into()),
+            Ok(Err(e)) => Err(format!("the tunnel broke: {e}")),
+            Err(_) => Err(format!(
+                "nothing heard from the agent in {} s",
+                tunnel::IDLE_TIMEOUT.as_secs()
+            )),
+        }
     }
 }
 
@@ -111,7 +214,7 @@ async fn serve_tunnel(
     shared: Arc<Shared>,
     tunnel: Arc<Tunnel>,
     hello: remote_proto::relay::AgentHello,
-    mut inbound: Streaming<AgentMessage>,
+    mut inbound: Inbound,
 ) -> String {
     let agent = tunnel.agent.clone();
     let store = shared.store.clone();
@@ -160,9 +263,8 @@ async fn serve_tunnel(
     let mut touched = Instant::now();
     let reason = loop {
         let msg = match inbound.message().await {
-            Ok(Some(m)) => m,
-            Ok(None) => break "the agent closed the tunnel".to_string(),
-            Err(e) => break format!("the tunnel broke: {}", e.message()),
+            Ok(m) => m,
+            Err(reason) => break reason,
         };
         let Some(msg) = msg.msg else { continue };
         match msg {
@@ -209,7 +311,11 @@ async fn serve_tunnel(
                     Err(e) => tracing::warn!(agent = %agent, "session not mirrored: {e}"),
                 }
             }
-            agent_message::Msg::Keepalive(_) => {
+            agent_message::Msg::Keepalive(k) => {
+                // Echoed, so that the agent hears from a live relay at least as often.
+                if !tunnel.send(relay_message::Msg::Keepalive(k)).await {
+                    break "the tunnel closed".to_string();
+                }
                 if touched.elapsed() >= TOUCH_EVERY {
                     touched = Instant::now();
                     let _ = store.touch_agent(&agent).await;

@@ -1,5 +1,6 @@
 //! `remote-relay run`: the accept loop (TCP, a bounded number of connections, the TLS
-//! handshake under a deadline), the gRPC services on top (tonic over HTTP/2, with
+//! handshake under a deadline), then by ALPN either an agent's tunnel
+//! ([`crate::agents::serve_connection`]) or the gRPC services (tonic over HTTP/2, with
 //! keepalives, per-connection stream limits and message size limits), authentication of
 //! every call from its metadata, and graceful shutdown. What the services do lives in
 //! [`crate::agents`] and [`crate::api`].
@@ -13,6 +14,7 @@ use std::time::Duration;
 use futures::Stream;
 use remote_proto::relay::agent_tunnel_server::AgentTunnelServer;
 use remote_proto::relay::relay_server::RelayServer;
+use remote_proto::tunnel;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -99,7 +101,7 @@ impl RelayServerHandle {
             TlsAcceptor::from(settings.tls.clone()),
             Arc::new(Semaphore::new(settings.max_connections.max(1))),
             conn_tx,
-            shared.shutdown.clone(),
+            shared.clone(),
         ));
         let agents = AgentTunnelServer::new(crate::agents::AgentService {
             shared: shared.clone(),
@@ -131,8 +133,9 @@ async fn accept_loop(
     acceptor: TlsAcceptor,
     permits: Arc<Semaphore>,
     conns: mpsc::Sender<std::io::Result<Conn>>,
-    shutdown: CancellationToken,
+    shared: Arc<Shared>,
 ) {
+    let shutdown = shared.shutdown.clone();
     let mut refused_logged = std::time::Instant::now() - Duration::from_secs(60);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -158,8 +161,14 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let conns = conns.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(tunnel::ALPN) => {
+                    // An agent's tunnel: served by a task of its own, apart from gRPC, so
+                    // that an idle one costs little (remote_proto::tunnel).
+                    tokio::spawn(crate::agents::serve_connection(shared, tls, peer, permit));
+                }
                 Ok(Ok(tls)) => {
                     let _ = conns
                         .send(Ok(Conn {
@@ -251,12 +260,6 @@ fn credential<'m>(md: &'m MetadataMap, scheme: &str, what: &str) -> Result<&'m s
             "no {what} given: send 'authorization: {scheme} …'"
         ))),
     }
-}
-
-/// The agent a tunnel call comes from.
-pub async fn agent_of(shared: &Shared, md: &MetadataMap) -> Result<String, Status> {
-    let cred = credential(md, "Agent", "agent credential")?;
-    shared.store.verify_agent(cred).await.map_err(store_status)
 }
 
 /// The user a client call comes from.

@@ -86,7 +86,8 @@ pub fn load_or_generate(
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // gRPC calls, and agents' tunnels (remote_proto::tunnel).
+    config.alpn_protocols = vec![b"h2".to_vec(), remote_proto::tunnel::ALPN.to_vec()];
     Ok(Identity {
         config: Arc::new(config),
         fingerprint: remote_proto::tls::fingerprint(leaf.as_ref()),

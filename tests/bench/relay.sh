@@ -3,7 +3,7 @@
 #
 # Starts private `remote-relay run` processes on 127.0.0.1 (one temp data dir), drives them
 # with the load tool relay-load (tests/src/bin/relay_load.rs: simulated agents, each its own
-# TCP + TLS + HTTP/2 connection with one AgentTunnel stream), and prints one Markdown table
+# TCP + TLS tunnel connection, remote_proto::tunnel), and prints one Markdown table
 # with the numbers of this one run:
 #   1. relay RSS per idle tunnel at BENCH_TUNNELS simulated agents (target <= 20 KiB): the
 #      agents enrol (join token made in the relay's store, then the Enrol RPC) against a
@@ -374,7 +374,7 @@ echo
 echo
 echo "Details:"
 if part 1 && [[ -n $(get t_count) ]]; then
-    echo "- part 1: $(get t_count) simulated agents, each its own TCP + TLS + HTTP/2 connection holding one Tunnel stream (AgentHello, RelayHello, then idle; the relay and the tool both send HTTP/2 keepalive pings every 30 s); $CONCURRENCY connection set-ups at once; the first $(get t_warmup) before the baseline reading"
+    echo "- part 1: $(get t_count) simulated agents, each its own TCP + TLS tunnel connection (TunnelOpen, AgentHello, RelayHello, then idle; the tool sends a Keepalive every 30 s and the relay echoes it); $CONCURRENCY connection set-ups at once; the first $(get t_warmup) before the baseline reading"
     echo "- relay VmRSS in KiB: fresh process $(get t_relay_rss_start_kib), with $(get t_warmup) tunnels $(get t_relay_rss_before_kib), with $(get t_up_after_idle) tunnels idle ${IDLE_SECS} s $(get t_relay_rss_after_kib); tunnels up $(get t_connected), failed $(get t_failed), dropped while idle $(get t_dropped)"
     echo "- the enrolling relay process (argon2 check of the join token and hash of the new credential per agent) ended at $(get enrol_rss_mib) MiB RSS"
     if [[ -n $(get d_count) ]]; then

@@ -65,8 +65,8 @@ def table(path):
             f"{r.get('concurrency', '?')} at once (info) [s]", value, "— (info)", "—"))
         cs = num(r.get("t_connect_secs"))
         rows.append((
-            f"1. connecting the {measured} tunnels after the warm-up: TCP + TLS + HTTP/2 + "
-            f"Tunnel + AgentHello → RelayHello, {r.get('concurrency', '?')} at once (info) [s]",
+            f"1. connecting the {measured} tunnels after the warm-up: TCP + TLS + "
+            f"TunnelOpen + AgentHello → RelayHello, {r.get('concurrency', '?')} at once (info) [s]",
             (f"{cs:.1f} ({r.get('t_connect_rate', '?')}/s)" if cs is not None else "FAILED"),
             "— (info)", "—"))
         if "d_count" in r:

@@ -15,14 +15,16 @@ use prost::Message;
 use remote_proto::relay::agent_tunnel_client::AgentTunnelClient;
 use remote_proto::relay::relay_client::RelayClient;
 use remote_proto::relay::{
-    AgentHello, AgentMessage, ConverseRequest, ConverseTarget, EnrolRequest, ListAgentsRequest,
-    agent_message, converse_request, converse_response,
+    ConverseRequest, ConverseTarget, EnrolRequest, ListAgentsRequest, RelayMessage, TunnelOpen,
+    converse_request, converse_response, relay_message,
 };
 use remote_proto::session::{
     Attach, ClientFrame, ErrorCode, ListSessions, ServerFrame, client_frame, server_frame,
 };
-use remote_tests::relay::{CutProxy, Relay, grpc_channel};
+use remote_proto::tunnel;
+use remote_tests::relay::{CutProxy, Relay, grpc_channel, tls_connect};
 use remote_tests::*;
+use tokio::io::AsyncWriteExt;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -219,17 +221,29 @@ fn a_join_token_enrols_once_and_wrong_credentials_are_refused() {
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
-        let hello = AgentMessage {
-            msg: Some(agent_message::Msg::Hello(AgentHello {
-                protocol_version: remote_proto::PROTOCOL_VERSION,
-                ..Default::default()
-            })),
+        // Tunnels: no credential, and a first message over its 4 KiB bound.
+        let refusal = |open: TunnelOpen| async move {
+            let tls = tls_connect(relay.addr, tunnel::ALPN).await.unwrap();
+            let (mut rd, mut wr) = tokio::io::split(tls);
+            tunnel::write(&mut wr, &open).await.unwrap();
+            wr.flush().await.unwrap();
+            let mut reader = tunnel::FrameReader::new(tunnel::MAX_MESSAGE_BYTES);
+            let answer: Option<RelayMessage> = reader.message(&mut rd).await.unwrap();
+            let Some(relay_message::Msg::Refused(r)) = answer.and_then(|m| m.msg) else {
+                panic!("expected TunnelRefused");
+            };
+            // And the relay closes the connection.
+            assert!(reader.next(&mut rd).await.unwrap_or(None).is_none());
+            r
         };
-        let e = agents
-            .tunnel(futures::stream::iter(vec![hello]))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        let r = refusal(TunnelOpen::default()).await;
+        assert_eq!(r.code, tonic::Code::Unauthenticated as i32, "{r:?}");
+        let r = refusal(TunnelOpen {
+            credential: "x".repeat(5000),
+        })
+        .await;
+        assert_eq!(r.code, tonic::Code::InvalidArgument as i32, "{r:?}");
+        assert!(r.message.contains("at most 4096 bytes"), "{r:?}");
     });
     // The first agent is still connected and usable.
     agent1.add_user("alice", Some("pw"), None);

@@ -267,23 +267,26 @@ impl CutProxy {
     }
 }
 
-/// A gRPC channel to the relay over TLS (any certificate: these are probes, not clients).
-pub async fn grpc_channel(addr: SocketAddr) -> tonic::transport::Channel {
+/// A TLS connection to the relay offering `alpn` (any certificate: these are probes, not
+/// clients).
+pub async fn tls_connect(
+    addr: SocketAddr,
+    alpn: &[u8],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let verifier = Arc::new(remote_proto::tls::PinnedCert::new(None));
-    let mut config = verifier.client_config().expect("tls config");
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let config = Arc::new(config);
-    let connect = move || {
-        let config = config.clone();
-        async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await?;
-            let name = rustls::pki_types::ServerName::try_from("localhost")
-                .map_err(std::io::Error::other)?;
-            tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await
-        }
-    };
+    let mut config = verifier.client_config().map_err(std::io::Error::other)?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name =
+        rustls::pki_types::ServerName::try_from("localhost").map_err(std::io::Error::other)?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+/// A gRPC channel to the relay over TLS (see [`tls_connect`]).
+pub async fn grpc_channel(addr: SocketAddr) -> tonic::transport::Channel {
+    let connect = move || tls_connect(addr, b"h2");
     remote_proto::tls::grpc_channel(&addr.to_string(), connect)
         .await
         .expect("grpc channel to the relay")

@@ -1,16 +1,45 @@
-//! What agents and clients send the relay, on arbitrary bytes: tunnel messages, conversation
+//! What agents and clients send the relay, on arbitrary bytes: the tunnel's framing (a
+//! TunnelOpen under its 4 KiB bound, then messages), tunnel messages, conversation
 //! requests and the session frames inside them decode or fail, never panic; whatever an
 //! agent reports (sessions, spilled records) maps onto store rows and back without panics,
 //! with every text clipped; relay addresses as people type them parse or are refused.
 #![no_main]
 
+use std::future::Future;
+
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
+use remote_proto::relay::TunnelOpen;
 use remote_proto::relay::{AgentMessage, ConverseRequest, agent_message, converse_request};
 use remote_proto::session::{ClientFrame, ServerFrame};
+use remote_proto::tunnel::{self, FrameReader};
 use remote_relay::mirror;
 
+/// The bytes as a tunnel connection: TunnelOpen, then AgentMessages. Reading from a slice
+/// never waits, so one poll per message settles it.
+fn framed(data: &[u8]) {
+    let mut reader = FrameReader::new(tunnel::MAX_OPEN_BYTES);
+    let mut input = data;
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut first = true;
+    loop {
+        let next = std::pin::pin!(reader.next(&mut input));
+        let std::task::Poll::Ready(Ok(Some(bytes))) = next.poll(&mut cx) else {
+            return;
+        };
+        if first {
+            assert!(bytes.len() <= tunnel::MAX_OPEN_BYTES);
+            let _ = TunnelOpen::decode(bytes.as_slice());
+            reader.set_max(tunnel::MAX_MESSAGE_BYTES);
+            first = false;
+        } else {
+            let _ = AgentMessage::decode(bytes.as_slice());
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
+    framed(data);
     if let Ok(m) = AgentMessage::decode(data) {
         match m.msg {
             Some(agent_message::Msg::Hello(h)) => {

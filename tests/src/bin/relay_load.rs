@@ -1,6 +1,6 @@
 //! `relay-load`: a load generator for `remote-relay run` (issue 5, "Scale and speed"; run by
-//! tests/bench/relay.sh). It owns simulated agents, nothing else: each is one TCP + TLS +
-//! HTTP/2 connection holding one `AgentTunnel/Tunnel` stream, as a real agent's would.
+//! tests/bench/relay.sh). It owns simulated agents, nothing else: each is one TCP + TLS
+//! tunnel connection (remote_proto::tunnel), as a real agent's would.
 //!
 //! * `enrol`: N agents enrol: join tokens made straight in the relay's SQLite store, then the
 //!   `Enrol` RPC; credentials are cached in the data dir, so a rerun skips this.
@@ -26,12 +26,15 @@ use clap::{Args, Parser, Subcommand};
 use futures::{Stream, StreamExt};
 use remote_proto::relay::agent_tunnel_client::AgentTunnelClient;
 use remote_proto::relay::{
-    AgentHello, AgentMessage, EnrolRequest, RelayMessage, SpillBatch, agent_message, relay_message,
+    AgentHello, AgentMessage, EnrolRequest, Keepalive, RelayMessage, SpillBatch, TunnelOpen,
+    agent_message, relay_message,
 };
 use remote_proto::session::{Output, Record, SessionInfo, SessionState, Shape, Stream as Std};
 use remote_proto::tls::PinnedCert;
+use remote_proto::tunnel::{self, FrameReader};
 use remote_relay::store::Store;
 use rustls::pki_types::pem::PemObject;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::Channel;
 
@@ -225,7 +228,9 @@ fn own_rss_kib() -> u64 {
 struct Relay {
     addr: String,
     host: String,
+    /// For gRPC (ALPN h2) and for tunnels (remote_proto::tunnel::ALPN).
     tls: Arc<rustls::ClientConfig>,
+    tunnel_tls: Arc<rustls::ClientConfig>,
 }
 
 impl Relay {
@@ -238,8 +243,11 @@ impl Relay {
         let pinned = Arc::new(PinnedCert::new(Some(remote_proto::tls::fingerprint(
             cert.as_ref(),
         ))));
-        let mut tls = pinned.client_config().context("TLS setup")?;
+        let plain = pinned.client_config().context("TLS setup")?;
+        let mut tls = plain.clone();
         tls.alpn_protocols = vec![b"h2".to_vec()];
+        let mut tunnel_tls = plain;
+        tunnel_tls.alpn_protocols = vec![tunnel::ALPN.to_vec()];
         let host = match c.relay.rsplit_once(':') {
             Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
             None => bail!("--relay '{}' is not HOST:PORT", c.relay),
@@ -248,23 +256,32 @@ impl Relay {
             addr: c.relay.clone(),
             host,
             tls: Arc::new(tls),
+            tunnel_tls: Arc::new(tunnel_tls),
         })
     }
 
-    /// A new HTTP/2 connection (TCP + TLS) of its own.
+    /// A new TCP + TLS connection with `tls`.
+    async fn connect(&self, tls: Arc<rustls::ClientConfig>) -> std::io::Result<TunnelStream> {
+        let tcp = tokio::net::TcpStream::connect(&self.addr).await?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+    }
+
+    /// A new HTTP/2 connection (TCP + TLS) of its own, for gRPC calls.
     async fn channel(&self) -> Result<Channel> {
-        let (addr, host, tls) = (self.addr.clone(), self.host.clone(), self.tls.clone());
+        let this = Arc::new(Relay {
+            addr: self.addr.clone(),
+            host: self.host.clone(),
+            tls: self.tls.clone(),
+            tunnel_tls: self.tunnel_tls.clone(),
+        });
         let connect = move || {
-            let (addr, host, tls) = (addr.clone(), host.clone(), tls.clone());
-            async move {
-                let tcp = tokio::net::TcpStream::connect(&addr).await?;
-                let _ = tcp.set_nodelay(true);
-                let name = rustls::pki_types::ServerName::try_from(host)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-                tokio_rustls::TlsConnector::from(tls)
-                    .connect(name, tcp)
-                    .await
-            }
+            let this = this.clone();
+            async move { this.connect(this.tls.clone()).await }
         };
         let channel = tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -283,16 +300,33 @@ impl Relay {
     }
 }
 
-/// An open tunnel: the connection, the stream from the relay and the sender of ours.
+/// An open tunnel: the stream from the relay; the task writing ours runs beside it.
 struct Tunnel {
-    _channel: Channel,
-    inbound: tonic::Streaming<RelayMessage>,
+    reader: FrameReader,
+    rd: tokio::io::ReadHalf<TunnelStream>,
+    writer: tokio::task::JoinHandle<()>,
     /// What the relay sent in RelayHello: per session, the highest seq persisted.
     persisted: HashMap<String, u64>,
 }
 
-/// Open a tunnel on a connection of its own: say `hello`, then whatever `rest` yields, and
-/// wait for RelayHello.
+type TunnelStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+impl Tunnel {
+    /// The relay's next message; `None` when it closed the tunnel.
+    async fn message(&mut self) -> Result<Option<RelayMessage>> {
+        Ok(self.reader.message(&mut self.rd).await?)
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.writer.abort();
+    }
+}
+
+/// Open a tunnel on a connection of its own, as an agent does (remote_proto::tunnel): say
+/// TunnelOpen and `hello`, wait for RelayHello, then write whatever `rest` yields, with a
+/// keepalive every 30 s.
 async fn open_tunnel<S>(
     relay: &Relay,
     credential: &str,
@@ -302,36 +336,59 @@ async fn open_tunnel<S>(
 where
     S: Stream<Item = AgentMessage> + Send + 'static,
 {
-    let channel = relay.channel().await?;
-    let mut client = AgentTunnelClient::new(channel.clone())
-        .max_decoding_message_size(remote_relay::server::MAX_MESSAGE_BYTES);
+    let tls = tokio::time::timeout(CONNECT_TIMEOUT, relay.connect(relay.tunnel_tls.clone()))
+        .await
+        .map_err(|_| anyhow!("connecting to {} timed out", relay.addr))?
+        .with_context(|| format!("cannot connect to {}", relay.addr))?;
+    let (rd, mut wr) = tokio::io::split(tls);
     let first = AgentMessage {
         msg: Some(agent_message::Msg::Hello(hello)),
     };
-    let outbound = futures::stream::once(async move { first }).chain(rest);
-    let mut req = tonic::Request::new(outbound);
-    let value = format!("Agent {credential}")
-        .parse()
-        .map_err(|_| anyhow!("the credential is not valid metadata"))?;
-    req.metadata_mut().insert("authorization", value);
-    let call = async {
-        let mut inbound = client.tunnel(req).await?.into_inner();
-        let first = inbound.message().await?;
-        Ok::<_, tonic::Status>((inbound, first))
+    let open = TunnelOpen {
+        credential: credential.to_string(),
     };
-    let (inbound, first) = tokio::time::timeout(CONNECT_TIMEOUT, call)
+    let mut reader = FrameReader::new(tunnel::MAX_MESSAGE_BYTES);
+    let mut rd = rd;
+    let greet = async {
+        tunnel::write(&mut wr, &open).await?;
+        tunnel::write(&mut wr, &first).await?;
+        wr.flush().await?;
+        Ok::<_, anyhow::Error>(reader.message::<RelayMessage, _>(&mut rd).await?)
+    };
+    let answer = tokio::time::timeout(CONNECT_TIMEOUT, greet)
         .await
-        .map_err(|_| anyhow!("no RelayHello within {CONNECT_TIMEOUT:?}"))?
-        .map_err(|s| anyhow!("tunnel refused: {:?}: {}", s.code(), s.message()))?;
-    match first.and_then(|m| m.msg) {
-        Some(relay_message::Msg::Hello(h)) => Ok(Tunnel {
-            _channel: channel,
-            inbound,
-            persisted: h.persisted,
-        }),
+        .map_err(|_| anyhow!("no RelayHello within {CONNECT_TIMEOUT:?}"))??;
+    let persisted = match answer.and_then(|m| m.msg) {
+        Some(relay_message::Msg::Hello(h)) => h.persisted,
+        Some(relay_message::Msg::Refused(r)) => bail!("tunnel refused: {}: {}", r.code, r.message),
         Some(other) => bail!("the relay's first message was not RelayHello: {other:?}"),
         None => bail!("the relay closed the tunnel before RelayHello"),
-    }
+    };
+    let writer = tokio::spawn(async move {
+        let mut rest = std::pin::pin!(rest);
+        let mut keepalive = tokio::time::interval(tunnel::KEEPALIVE_EVERY);
+        keepalive.tick().await;
+        loop {
+            let msg = tokio::select! {
+                m = rest.next() => match m {
+                    Some(m) => m,
+                    None => break,
+                },
+                _ = keepalive.tick() => AgentMessage {
+                    msg: Some(agent_message::Msg::Keepalive(Keepalive { nonce: 0 })),
+                },
+            };
+            if tunnel::write(&mut wr, &msg).await.is_err() || wr.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(Tunnel {
+        reader,
+        rd,
+        writer,
+        persisted,
+    })
 }
 
 fn hello(sessions: Vec<SessionInfo>, spill_from: HashMap<String, u64>) -> AgentHello {
@@ -517,7 +574,7 @@ async fn tunnels(a: TunnelsArgs) -> Result<()> {
                 // is read and dropped. The end of the stream is a dropped tunnel.
                 let ended = tokio::select! {
                     () = stop.cancelled() => false,
-                    () = async { while let Ok(Some(_)) = t.inbound.message().await {} } => true,
+                    () = async { while let Ok(Some(_)) = t.message().await {} } => true,
                 };
                 if ended {
                     up.fetch_sub(1, Ordering::Relaxed);
@@ -769,7 +826,7 @@ async fn spill(a: SpillArgs) -> Result<()> {
                 .map_err(|_| anyhow!("the tunnel closed while spilling"))?;
             sent += 1;
         }
-        let msg = tokio::time::timeout(Duration::from_secs(a.stall_secs), tunnel.inbound.message())
+        let msg = tokio::time::timeout(Duration::from_secs(a.stall_secs), tunnel.message())
             .await
             .map_err(|_| {
                 anyhow!(
@@ -777,7 +834,7 @@ async fn spill(a: SpillArgs) -> Result<()> {
                     a.stall_secs
                 )
             })?
-            .map_err(|s| anyhow!("the tunnel broke: {:?}: {}", s.code(), s.message()))?;
+            .context("the tunnel broke")?;
         match msg.and_then(|m| m.msg) {
             Some(relay_message::Msg::SpillAck(ack)) if ack.session_id == session_id => {
                 acked += 1;
