@@ -26,6 +26,8 @@ pub enum ConfigError {
         "invalid listen address '{value}' for {what}: use HOST:PORT (e.g. 0.0.0.0:{DEFAULT_SSH_PORT}) or 'off'"
     )]
     Listen { what: &'static str, value: String },
+    #[error("{0}; fix it in the config file (or with `remote-agent endpoint set`)")]
+    Endpoint(#[from] crate::endpoints::EndpointError),
     #[error("invalid value '{value}' for {what}: {expected}")]
     Invalid {
         what: &'static str,
@@ -50,6 +52,22 @@ pub struct FileConfig {
     pub winrm: WinrmFileConfig,
     #[serde(default)]
     pub relay: RelayFileConfig,
+    /// Endpoints (session configurations): `[endpoints.NAME]`; see crate::endpoints.
+    #[serde(default)]
+    pub endpoints: std::collections::BTreeMap<String, crate::endpoints::EndpointFile>,
+    #[serde(default)]
+    pub audit: AuditFileConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFileConfig {
+    /// Size of `audit.jsonl` before it is rotated, MiB (default 10).
+    pub max_mb: Option<u64>,
+    /// Rotated files kept (default 5).
+    pub keep: Option<usize>,
+    /// Characters of a command line recorded (default 1024; 0 leaves command lines out).
+    pub command_chars: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -229,6 +247,8 @@ pub struct AgentConfig {
     pub winrm: Option<WinrmSettings>,
     /// The relay this agent dials out to, if any.
     pub relay: Option<RelaySettings>,
+    /// The audit log in the state dir (crate::audit).
+    pub audit: crate::audit::AuditSettings,
 }
 
 impl FileConfig {
@@ -322,12 +342,24 @@ impl FileConfig {
                 });
             }
         };
+        sessions.spill_possible = relay.is_some();
+        sessions.endpoints = crate::endpoints::Endpoints::from_files(&self.endpoints)?;
         let socket = match flags.socket.clone().or(self.local.socket) {
             Some(s) if s.eq_ignore_ascii_case("off") || s.is_empty() => None,
             Some(s) => Some(PathBuf::from(s)),
             None => Some(crate::paths::default_socket()),
         };
         let winrm = resolve_winrm(self.winrm, flags)?;
+        let mut audit = crate::audit::AuditSettings::default();
+        if let Some(mb) = self.audit.max_mb {
+            audit.max_bytes = mb.max(1) << 20;
+        }
+        if let Some(keep) = self.audit.keep {
+            audit.keep = keep;
+        }
+        if let Some(chars) = self.audit.command_chars {
+            audit.command_chars = chars;
+        }
         Ok(AgentConfig {
             name,
             state_dir,
@@ -336,6 +368,7 @@ impl FileConfig {
             socket,
             winrm,
             relay,
+            audit,
         })
     }
 }

@@ -3,7 +3,11 @@
 //! accounts, and runs them as the account's OS user.
 
 pub mod accounts;
+pub mod audit;
 pub mod config;
+pub mod enable;
+pub mod endpoint_config;
+pub mod endpoints;
 pub mod hostkey;
 pub mod local;
 pub mod login;

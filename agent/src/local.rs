@@ -105,6 +105,8 @@ impl LocalListener {
             let principal = Principal {
                 name: identity.user.clone(),
                 admin: uid.is_root(),
+                // OS users: endpoints admit them by their OS groups.
+                groups: identity.group_names(),
                 identity,
                 transport: "ssh-subsystem",
             };

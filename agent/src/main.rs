@@ -37,6 +37,14 @@ enum Command {
     /// Manage the agent's accounts.
     #[command(subcommand)]
     User(UserCommand),
+    /// Manage endpoints (session configurations): who may connect, what they may run,
+    /// quotas and timeouts. Changes apply when the agent starts next.
+    #[command(subcommand)]
+    Endpoint(EndpointCommand),
+    /// Set up this host once (like Enable-PSRemoting): config with listeners and the default
+    /// endpoint, host key, HTTPS certificate, systemd unit, and with --sshd-subsystem sshd's
+    /// `Subsystem remote` line. Safe to re-run: it never overwrites a changed file.
+    Enable(remote_agent::enable::EnableArgs),
     /// Bridge stdin/stdout to the running agent's session protocol: the command sshd runs
     /// for `Subsystem remote /usr/bin/remote-agent subsystem` in sshd_config.
     Subsystem {
@@ -156,6 +164,42 @@ enum UserCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum EndpointCommand {
+    /// List endpoints (the built-in `default` admits admins only).
+    List {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Add an endpoint: `endpoint add jea users=carol commands=uptime,df`.
+    Add {
+        name: String,
+        /// KEY=VALUE settings: users, groups (lists, comma-separated; `admins` is every
+        /// admin), run (shell|commands), commands, run_as, workdir, env.NAME,
+        /// max_received_mb_per_command, max_input_mb_per_command, max_sessions_per_user,
+        /// max_commands_per_user, max_connections, idle_timeout_secs,
+        /// operation_timeout_secs, buffering (block|drop|spill).
+        #[arg(value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Change settings of an endpoint (`KEY=` removes one).
+    Set {
+        name: String,
+        #[arg(value_name = "KEY=VALUE", required = true)]
+        settings: Vec<String>,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Remove an endpoint (removing `default` brings back the built-in one).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run(cli.run));
@@ -163,7 +207,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(_) | Command::Quickstart(_) => "info",
         // sftp-server's and the subsystem's stderr go to the SSH client: stay quiet.
         Command::SftpServer | Command::Subsystem { .. } => "off",
-        Command::User(_) => "warn",
+        Command::User(_) | Command::Endpoint(_) | Command::Enable(_) => "warn",
     };
     init_logging(default_log);
     match dispatch(command) {
@@ -217,6 +261,10 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Quickstart(args) => quickstart(args),
         Command::User(cmd) => user(cmd),
+        Command::Endpoint(cmd) => endpoint(cmd),
+        Command::Enable(args) => remote_agent::enable::run(&args)
+            .map(drop)
+            .map_err(Into::into),
         Command::SftpServer => runtime()?
             .block_on(remote_agent::sftp::serve_stdio())
             .context("sftp-server"),
@@ -299,7 +347,9 @@ async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
     }
     let sessions_root = config.state_dir.join("sessions");
     prepare_sessions_root(&config.state_dir, &sessions_root)?;
-    let sessions = SessionHost::new(config.sessions.clone(), sessions_root);
+    let audit = remote_agent::audit::Audit::open_with(&config.state_dir, &config.audit)
+        .context("cannot open the audit log")?;
+    let sessions = SessionHost::with_audit(config.sessions.clone(), sessions_root, audit.clone());
     // Subsystem mode alone (--ssh off) is valid: the host's own sshd is the way in.
     let server = match config.ssh.clone() {
         Some(ssh) => Some(
@@ -384,6 +434,8 @@ async fn run(config: AgentConfig, banner: Option<Banner>) -> Result<()> {
         let _ = winrm.await;
     }
     let _ = reaper.await;
+    // Sessions closed by the reaper are in the audit log before the process ends.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), audit.flush()).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -581,6 +633,61 @@ fn generate_client_key(path: &Path) -> Result<String> {
     key.public_key()
         .to_openssh()
         .map_err(|e| anyhow::anyhow!("cannot encode a key: {e}"))
+}
+
+/// The config file `endpoint` edits: --config, or the default location.
+fn config_path(state: &StateArgs) -> PathBuf {
+    state
+        .config
+        .clone()
+        .unwrap_or_else(paths::default_config_file)
+}
+
+fn endpoint(cmd: EndpointCommand) -> Result<()> {
+    use remote_agent::endpoint_config as ec;
+    match cmd {
+        EndpointCommand::List { state } => {
+            print!("{}", ec::render(&ec::list(&config_path(&state))?));
+        }
+        EndpointCommand::Add {
+            name,
+            settings,
+            state,
+        } => {
+            let path = config_path(&state);
+            ec::add(&path, &name, &settings)?;
+            eprintln!(
+                "remote-agent: added endpoint '{name}' to {}; restart the agent to apply it",
+                path.display()
+            );
+        }
+        EndpointCommand::Set {
+            name,
+            settings,
+            state,
+        } => {
+            let path = config_path(&state);
+            ec::set(&path, &name, &settings)?;
+            eprintln!(
+                "remote-agent: changed endpoint '{name}' in {}; restart the agent to apply it",
+                path.display()
+            );
+        }
+        EndpointCommand::Rm { name, state } => {
+            let path = config_path(&state);
+            let builtin = ec::rm(&path, &name)?;
+            let note = if builtin {
+                " (the built-in default, admins only, applies again)"
+            } else {
+                ""
+            };
+            eprintln!(
+                "remote-agent: removed endpoint '{name}' from {}{note}; restart the agent to apply it",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn user(cmd: UserCommand) -> Result<()> {

@@ -285,6 +285,19 @@ impl RelayLink {
 
     /// The principal the relay asserts, under this agent's accounts.
     fn principal(&self, user: &str) -> Result<Principal, String> {
+        let result = self.principal_inner(user);
+        self.host.audit().record(crate::audit::Event::Auth {
+            transport: crate::audit::Transport::Relay,
+            peer: format!("relay {}", self.settings.addr),
+            account: user.chars().take(256).collect(),
+            method: "relay".into(),
+            success: result.is_ok(),
+            reason: result.as_ref().err().cloned(),
+        });
+        result
+    }
+
+    fn principal_inner(&self, user: &str) -> Result<Principal, String> {
         let account = self
             .accounts
             .get(user)
@@ -296,6 +309,7 @@ impl RelayLink {
         Ok(Principal {
             name: account.name.clone(),
             admin: account.admin,
+            groups: account.groups.clone(),
             identity,
             transport: "relay",
         })

@@ -3,6 +3,7 @@
 //! map onto the session host; one connection follows at most one session or command at a
 //! time, and frames that cannot be decoded get an error while the connection goes on.
 
+use crate::endpoints::EndpointError;
 use std::sync::Arc;
 
 use futures::{SinkExt, StreamExt};
@@ -89,7 +90,50 @@ struct Follow {
     session: Arc<Session>,
     command: Option<u64>,
     cancel: CancellationToken,
-    _attached: Option<AttachGuard>,
+    _attached: Option<Attachment>,
+}
+
+/// A client attached to a session: counted by the session, and in the audit log from attach
+/// to detach.
+struct Attachment {
+    _guard: AttachGuard,
+    audit: crate::audit::Audit,
+    event: (String, String, String, crate::audit::Transport),
+}
+
+impl Attachment {
+    fn new(session: &Arc<Session>, who: &Principal, audit: &crate::audit::Audit) -> Attachment {
+        let a = Attachment {
+            _guard: session.attach(),
+            audit: audit.clone(),
+            event: (
+                session.id.clone(),
+                who.name.clone(),
+                session.endpoint.name.clone(),
+                crate::audit::Transport::from_label(who.transport),
+            ),
+        };
+        a.record(crate::audit::SessionAction::Attach);
+        a
+    }
+
+    fn record(&self, action: crate::audit::SessionAction) {
+        let (session, account, endpoint, transport) = self.event.clone();
+        self.audit.record(crate::audit::Event::Session {
+            action,
+            session,
+            account,
+            endpoint,
+            transport,
+            peer: None,
+        });
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.record(crate::audit::SessionAction::Detach);
+    }
 }
 
 struct Conn {
@@ -130,6 +174,7 @@ impl Conn {
             | SessionError::NoCommand { .. }
             | SessionError::Invalid(_) => (ErrorCode::ErrorInvalidRequest, ""),
             SessionError::Quota { .. } => (ErrorCode::ErrorQuota, ""),
+            SessionError::Endpoint(e) => (endpoint_code(e), ""),
             SessionError::Process(_) | SessionError::StateDir { .. } => {
                 (ErrorCode::ErrorInternal, "see the agent's log for details")
             }
@@ -395,7 +440,8 @@ impl Conn {
             .await;
         }
         let cancel = CancellationToken::new();
-        let attached = (follow && command.is_none()).then(|| session.attach());
+        let attached = (follow && command.is_none())
+            .then(|| Attachment::new(&session, &self.who, self.host.audit()));
         tokio::spawn(follow_journal(
             journal,
             from,
@@ -483,4 +529,20 @@ async fn follow_journal(
         journal.move_reader(reader, next);
     }
     journal.unregister_reader(reader);
+}
+
+/// The protocol's error code for an endpoint's refusal.
+fn endpoint_code(e: &EndpointError) -> ErrorCode {
+    match e {
+        EndpointError::Unknown { .. } => ErrorCode::ErrorNotFound,
+        EndpointError::AccessDenied { .. }
+        | EndpointError::CommandRefused { .. }
+        | EndpointError::ShellRefused { .. } => ErrorCode::ErrorPermissionDenied,
+        EndpointError::OutputQuota { .. }
+        | EndpointError::InputQuota { .. }
+        | EndpointError::OperationTimeout { .. }
+        | EndpointError::Busy { .. }
+        | EndpointError::PerUser { .. } => ErrorCode::ErrorQuota,
+        EndpointError::Invalid { .. } => ErrorCode::ErrorInternal,
+    }
 }

@@ -93,7 +93,9 @@ pub enum CredentialError {
         "--password-stdin: stdin is empty: pipe the password in, e.g. printf '%s\\n' \"$PW\" | remote ..."
     )]
     EmptyPasswordStdin,
-    #[error("--password-stdin: cannot read stdin: {0}")]
+    #[error(
+        "--password-stdin: cannot read stdin: {0}; pipe the password in, e.g. printf '%s\\n' \"$PW\" | remote ..."
+    )]
     ReadStdin(std::io::Error),
 }
 

@@ -30,6 +30,12 @@ pub enum Verdict {
         /// `SHA256:…`
         fingerprint: String,
     },
+    /// First contact with a read-only file ([`KnownHosts::read_only`]): the key would be
+    /// trusted on first use, and is accepted for this connection without being recorded.
+    Unrecorded {
+        /// `SHA256:…`
+        fingerprint: String,
+    },
 }
 
 /// A host key that must not be trusted, or a known_hosts file that cannot be used.
@@ -121,6 +127,8 @@ struct State {
 pub struct KnownHosts {
     path: PathBuf,
     state: Mutex<Option<State>>,
+    /// New hosts are recorded (false: [`KnownHosts::read_only`]).
+    record: bool,
 }
 
 impl KnownHosts {
@@ -128,6 +136,16 @@ impl KnownHosts {
         KnownHosts {
             path,
             state: Mutex::new(None),
+            record: true,
+        }
+    }
+
+    /// The same checks, but a new host is answered [`Verdict::Unrecorded`] and the file is
+    /// never written (`remote test`: a diagnosis changes no trust).
+    pub fn read_only(path: PathBuf) -> KnownHosts {
+        KnownHosts {
+            record: false,
+            ..KnownHosts::new(path)
         }
     }
 
@@ -201,6 +219,9 @@ impl KnownHosts {
                 path: self.path.clone(),
                 line: old.line,
             })));
+        }
+        if !self.record {
+            return Ok(Verdict::Unrecorded { fingerprint });
         }
         let line = append(&self.path, &pattern, key).map_err(|source| KnownHostsError::Write {
             host_port,
@@ -421,6 +442,29 @@ mod tests {
             kh2.verify("web1", 2223, &key(K2)).unwrap(),
             Verdict::Learned { .. }
         ));
+    }
+
+    #[test]
+    fn read_only_checks_but_never_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("known_hosts");
+        let kh = KnownHosts::read_only(path.clone());
+        assert!(matches!(
+            kh.verify("h", 2222, &key(K1)).unwrap(),
+            Verdict::Unrecorded { .. }
+        ));
+        assert!(!path.exists());
+        std::fs::write(&path, format!("[h]:2222 {K1}\n")).unwrap();
+        let kh = KnownHosts::read_only(path.clone());
+        assert_eq!(kh.verify("h", 2222, &key(K1)).unwrap(), Verdict::Known);
+        assert!(matches!(
+            kh.verify("h", 2222, &key(K2)),
+            Err(KnownHostsError::Changed(c)) if c.line == 1
+        ));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("[h]:2222 {K1}\n")
+        );
     }
 
     #[test]

@@ -12,12 +12,14 @@
 //! * [`session`]: persistent sessions: the session protocol on the `remote` subsystem, and
 //!   how sessions are named; [`follow`]: `exec`, `attach` and `receive` on the terminal;
 //! * [`shell`]: `remote shell`, an interactive shell;
+//! * [`diagnose`]: `remote test`, the chain to a target checked link by link;
 //! * [`output`], [`terminal`]: local stdout/stderr and the local terminal.
 //!
 //! It depends only on `remote-proto`, never on the agent.
 
 pub mod auth;
 pub mod config;
+pub mod diagnose;
 pub mod follow;
 pub mod known_hosts;
 pub mod net;

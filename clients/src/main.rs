@@ -122,6 +122,28 @@ enum Command {
     /// Print what a session produced since it was last seen, without attaching. On a WinRM
     /// session: the output of the commands started from here with `exec --detach`.
     Receive(SessionArg),
+    /// Check the way to a target link by link: name, TCP, protocol (SSH version line and host
+    /// key, HTTP, or TLS and certificate), authentication, endpoint permission, a trivial
+    /// command. Stops at the first broken link with its cause and fix.
+    ///
+    /// Exit code: 0 healthy; 11 name, 12 tcp, 13 protocol/host key/TLS, 14 authentication,
+    /// 15 endpoint, 16 command; 255 when the test could not start. Nothing is recorded: a
+    /// new host key or certificate is reported as "would be trusted on first use".
+    Test(TestArgs),
+}
+
+#[derive(Args)]
+struct TestArgs {
+    /// What to check: [ssh://|winrm://|winrms://|relay://][user@]host[:port].
+    #[arg(value_name = "TARGET")]
+    target: String,
+    /// The session configuration to open a session on (default: the agent's `default`).
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// One JSON object per step on stdout (step, check, ok, detail; message and exit_code on
+    /// failure) instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -263,6 +285,26 @@ fn init_tracing(verbose: u8) {
 async fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Run(args) => run_command(&cli.global, args).await,
+        Command::Test(args) => {
+            let g = &cli.global;
+            let options = remote_client::diagnose::TestOptions {
+                target: args.target,
+                endpoint: args.endpoint,
+                json: args.json,
+                connect_timeout: Duration::from_secs(g.connect_timeout),
+                credentials: CredentialOptions {
+                    identities: g.identity.clone(),
+                    password_stdin: g.password_stdin,
+                    batch: g.batch,
+                },
+                auth: g.auth,
+                ca: g.ca.clone(),
+                fingerprint: g.fingerprint.clone(),
+                relay: g.relay.clone(),
+                relay_token: std::env::var("REMOTE_TOKEN").ok(),
+            };
+            Ok(remote_client::diagnose::test(options).await)
+        }
         Command::Shell(args) => shell_command(&cli.global, args).await,
         Command::Session(cmd) => session_command(&cli.global, cmd).await,
         Command::Exec(args) => {

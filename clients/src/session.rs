@@ -51,7 +51,9 @@ pub enum SessionError {
     Unknown(String),
     #[error("invalid session '{0}': expected TARGET/ID or an id printed by `remote session new`")]
     BadRef(String),
-    #[error("cannot write the session record {path}: {source}")]
+    #[error(
+        "cannot write the session record {path}: {source}; make that directory writable (or set XDG_CONFIG_HOME)"
+    )]
     Record {
         path: PathBuf,
         source: std::io::Error,

@@ -152,6 +152,13 @@ impl Client {
 
     /// Connect to `target`, check its host key and log in.
     pub async fn connect(&self, target: &Target) -> Result<Connection, SshError> {
+        let handshake = self.handshake(target).await?;
+        self.login(handshake).await
+    }
+
+    /// The first half of [`Client::connect`]: TCP, the SSH handshake and the host key check,
+    /// without logging in (`remote test` reports them apart).
+    pub async fn handshake(&self, target: &Target) -> Result<Handshake, SshError> {
         let addr = target.host_port();
         let user = target
             .user
@@ -160,13 +167,15 @@ impl Client {
         let timeout = self.options.connect_timeout;
         let secs = timeout.as_secs().max(1);
         let stream = self.tcp_connect(target, &addr).await?;
+        let seen: Arc<std::sync::Mutex<Option<HostKeyInfo>>> = Arc::default();
         let checker = HostKeyCheck {
             known_hosts: self.known_hosts.clone(),
             host: target.host.clone(),
             port: target.port,
+            seen: seen.clone(),
         };
         let handshake = client::connect_stream(self.config.clone(), stream, checker);
-        let mut handle = match tokio::time::timeout(timeout, handshake).await {
+        let handle = match tokio::time::timeout(timeout, handshake).await {
             Err(_) => return Err(SshError::HandshakeTimeout { addr, secs }),
             Ok(Err(HandlerError::HostKey(e))) => return Err(SshError::HostKey(e)),
             Ok(Err(HandlerError::Ssh(e))) => {
@@ -178,6 +187,23 @@ impl Client {
             Ok(Ok(handle)) => handle,
         };
         tracing::debug!(%addr, "handshake done");
+        let host_key = seen.lock().unwrap_or_else(|p| p.into_inner()).take();
+        Ok(Handshake {
+            handle,
+            addr,
+            user,
+            host_key,
+        })
+    }
+
+    /// The second half of [`Client::connect`]: log in on a finished handshake.
+    pub async fn login(&self, handshake: Handshake) -> Result<Connection, SshError> {
+        let Handshake {
+            mut handle,
+            addr,
+            user,
+            ..
+        } = handshake;
         self.authenticate(&mut handle, &user, &addr).await?;
         tracing::debug!(%addr, %user, "logged in");
         Ok(Connection { handle, addr })
@@ -336,11 +362,48 @@ impl From<russh::Error> for HandlerError {
     }
 }
 
+/// An SSH connection whose host key was checked, not yet logged in ([`Client::handshake`]).
+pub struct Handshake {
+    handle: Handle<HostKeyCheck>,
+    addr: String,
+    user: String,
+    host_key: Option<HostKeyInfo>,
+}
+
+impl Handshake {
+    /// `host:port` of the peer.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The account [`Client::login`] will log in as.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// The server's host key and what known_hosts said of it.
+    pub fn host_key(&self) -> Option<&HostKeyInfo> {
+        self.host_key.as_ref()
+    }
+}
+
+/// The host key a server presented, and the known_hosts verdict on it.
+#[derive(Debug, Clone)]
+pub struct HostKeyInfo {
+    /// `ssh-ed25519`, …
+    pub algorithm: String,
+    /// `SHA256:…`
+    pub fingerprint: String,
+    pub verdict: Verdict,
+}
+
 /// russh's client handler: checks the server's host key against known_hosts.
 struct HostKeyCheck {
     known_hosts: Arc<KnownHosts>,
     host: String,
     port: u16,
+    /// The key accepted, for [`Handshake::host_key`].
+    seen: Arc<std::sync::Mutex<Option<HostKeyInfo>>>,
 }
 
 impl client::Handler for HostKeyCheck {
@@ -358,8 +421,16 @@ impl client::Handler for HostKeyCheck {
                 russh::keys::PublicKey::from(cert.public_key().clone())
             }
         };
-        match self.known_hosts.verify(&self.host, self.port, &key) {
-            Ok(Verdict::Known) => Ok(true),
+        let verdict = self.known_hosts.verify(&self.host, self.port, &key);
+        if let Ok(v) = &verdict {
+            *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(HostKeyInfo {
+                algorithm: key.algorithm().as_str().to_string(),
+                fingerprint: key.fingerprint(russh::keys::HashAlg::Sha256).to_string(),
+                verdict: v.clone(),
+            });
+        }
+        match verdict {
+            Ok(Verdict::Known | Verdict::Unrecorded { .. }) => Ok(true),
             Ok(Verdict::Learned { fingerprint }) => {
                 let host_port = if self.host.contains(':') {
                     format!("[{}]:{}", self.host, self.port)

@@ -282,7 +282,7 @@ if part 3; then
     ssh-keygen -q -t ed25519 -N '' -C bench-relay -f "$T/client_key" || die "ssh-keygen failed"
     KEY="$T/client_key"
     mkdir -m 700 "$T/agent-state"
-    "$AGENT_BIN" user add "$ACCOUNT" --authorized-key "$KEY.pub" --run-as "$OS_USER" \
+    "$AGENT_BIN" user add "$ACCOUNT" --admin --authorized-key "$KEY.pub" --run-as "$OS_USER" \
         --state-dir "$T/agent-state" </dev/null >"$T/useradd.log" 2>&1 \
         || { cat "$T/useradd.log" >&2; die "remote-agent user add failed"; }
     JOIN="$("$RELAY_BIN" token create --agent --data-dir "$DATA" </dev/null 2>"$T/token.err" | tail -1)"

@@ -124,7 +124,7 @@ max_startups = 300
 max_connections = 4096
 EOF
 mkdir -m 700 "$T/agent-state"
-"$AGENT_BIN" user add "$ACCOUNT" --authorized-key "$KEY.pub" --run-as "$OS_USER" \
+"$AGENT_BIN" user add "$ACCOUNT" --admin --authorized-key "$KEY.pub" --run-as "$OS_USER" \
     --config "$T/agent.toml" --state-dir "$T/agent-state" </dev/null >"$T/useradd.log" 2>&1 \
     || { cat "$T/useradd.log" >&2; die "remote-agent user add failed"; }
 "$AGENT_BIN" run --config "$T/agent.toml" --state-dir "$T/agent-state" --ssh 127.0.0.1:0 \

@@ -162,7 +162,7 @@ max_startups = 300
 max_connections = 1024
 EOF
 mkdir -m 700 "$T/agent-state"
-"$AGENT_BIN" user add root --authorized-key "$T/client_key.pub" \
+"$AGENT_BIN" user add root --admin --authorized-key "$T/client_key.pub" \
     --config "$T/agent.toml" --state-dir "$T/agent-state" </dev/null >"$T/useradd.log" 2>&1 \
     || { cat "$T/useradd.log" >&2; die "remote-agent user add failed"; }
 "$AGENT_BIN" run --config "$T/agent.toml" --state-dir "$T/agent-state" --ssh 127.0.0.1:0 \

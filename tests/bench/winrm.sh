@@ -200,7 +200,7 @@ EOF
 mkdir -m 700 "$T/agent-state"
 head -c 18 /dev/urandom | base64 | tr '+/' 'xy' >"$T/password"
 chmod 600 "$T/password"
-"$AGENT_BIN" user add "$ACCOUNT" --password-stdin "${RUN_AS[@]}" \
+"$AGENT_BIN" user add "$ACCOUNT" --admin --password-stdin "${RUN_AS[@]}" \
     --config "$T/agent.toml" --state-dir "$T/agent-state" <"$T/password" >"$T/useradd.log" 2>&1 \
     || { cat "$T/useradd.log" >&2; die "remote-agent user add failed"; }
 HTTP_LISTEN=off; HTTPS_LISTEN=off

@@ -50,6 +50,7 @@ fn garbage_instead_of_version_line() {
     // login grace time, as sshd does.
     let agent = Agent::start_with(AgentOptions {
         config: "[ssh]\nlogin_grace_time_secs = 3\n".into(),
+        ..Default::default()
     });
     let key = agent.key("alice_key");
     agent.add_user("alice", None, Some(&key));
@@ -72,6 +73,7 @@ fn garbage_instead_of_version_line() {
 fn stalled_handshakes_are_cut_at_login_grace_time() {
     let agent = Agent::start_with(AgentOptions {
         config: "[ssh]\nlogin_grace_time_secs = 2\n".into(),
+        ..Default::default()
     });
     let key = agent.key("alice_key");
     agent.add_user("alice", None, Some(&key));
@@ -133,6 +135,7 @@ fn five_hundred_connections_opened_and_dropped_at_once() {
 fn too_many_authentication_attempts_end_the_connection() {
     let agent = Agent::start_with(AgentOptions {
         config: "[ssh]\nmax_auth_tries = 3\n".into(),
+        ..Default::default()
     });
     agent.add_user("alice", Some("right"), None);
     // OpenSSH asks its askpass program once per password attempt on the one connection;

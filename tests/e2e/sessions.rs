@@ -279,6 +279,7 @@ fn several_clients_attached_at_once_all_see_output_and_any_can_type() {
 fn sessions_per_user_and_running_commands_are_bounded() {
     let agent = Agent::start_with(AgentOptions {
         config: "[sessions]\nmax_sessions_per_user = 2\nmax_running_commands = 2\n".into(),
+        ..Default::default()
     });
     let key = agent.key("alice_key");
     agent.add_user("alice", None, Some(&key));
@@ -309,7 +310,13 @@ fn sessions_per_user_and_running_commands_are_bounded() {
 
 #[test]
 fn block_mode_stalls_the_writer_and_delivers_everything() {
-    let (agent, key) = setup();
+    // 200 MiB from one command: above the default endpoint's 50 MB output quota.
+    let agent = Agent::start_with(AgentOptions {
+        config: "[endpoints.default]\nusers = [\"*\"]\nmax_received_mb_per_command = 1000\n".into(),
+        ..Default::default()
+    });
+    let key = agent.key("alice_key");
+    agent.add_user("alice", None, Some(&key));
     let mut c = client(&agent, "alice", &key);
     let s = c.open(session::OpenSession {
         shape: session::Shape::Commands as i32,

@@ -14,6 +14,7 @@ fn agent(config: &str) -> Agent {
     let agent = Agent::start_winrm(
         AgentOptions {
             config: config.into(),
+            ..Default::default()
         },
         WinrmOptions::both(),
     );

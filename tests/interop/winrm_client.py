@@ -272,6 +272,27 @@ def op_run_in_shell(c):
     return {"stdout": text(out), "stderr": text(errout), "status": rc}
 
 
+def op_shell_cmds(c):
+    """open_shell(env_vars=...) (an endpoint is chosen with REMOTE_ENDPOINT there), then each
+    of `commands` ([command, args]) with its output or its error, then close_shell."""
+    p = protocol(c)
+    try:
+        shell = p.open_shell(env_vars=c.get("env"))
+    except Exception as e:
+        return {"error": err(e)}
+    results = []
+    for command, args in c["commands"]:
+        try:
+            cmd = p.run_command(shell, command, args)
+            out, errout, rc = p.get_command_output(shell, cmd)
+            p.cleanup_command(shell, cmd)
+            results.append({"stdout": text(out), "stderr": text(errout), "status": rc})
+        except Exception as e:
+            results.append({"error": err(e)})
+    p.close_shell(shell)
+    return {"results": results}
+
+
 def op_start_in_shell(c):
     """run_command in an existing shell, without receiving its output."""
     p = protocol(c)

@@ -90,6 +90,11 @@ impl ClientKey {
 pub struct AgentOptions {
     /// Extra TOML appended to the config file (e.g. `[ssh]` limits).
     pub config: String,
+    /// Admit every account on the `default` endpoint (`[endpoints.default] users = ["*"]`),
+    /// unless `config` defines `[endpoints.default]` itself. The built-in `default` admits
+    /// admins only; tests of anything else use ordinary accounts, and tests of endpoints
+    /// turn this off to meet the built-in one.
+    pub open_default_endpoint: bool,
 }
 
 /// WinRM listeners for a test agent (`Agent::start_winrm`). Without them every test agent
@@ -121,6 +126,7 @@ impl Default for AgentOptions {
     fn default() -> Self {
         AgentOptions {
             config: "[ssh]\n".into(),
+            open_default_endpoint: true,
         }
     }
 }
@@ -171,7 +177,11 @@ impl Agent {
         let state_dir = dir.path().join("state");
         let config = dir.path().join("agent.toml");
         let socket = dir.path().join("agent.sock");
-        std::fs::write(&config, &opts.config).expect("write config");
+        let mut text = opts.config.clone();
+        if opts.open_default_endpoint && !text.contains("[endpoints.default]") {
+            text.push_str("\n[endpoints.default]\nusers = [\"*\"]\n");
+        }
+        std::fs::write(&config, text).expect("write config");
         let mut child = Command::new(bin("remote-agent"))
             .arg("run")
             .arg("--config")

@@ -53,51 +53,57 @@ impl Identity {
     /// Resolve what `account`'s processes run as: its `run_as` user when the agent is root,
     /// otherwise the agent's own user.
     pub fn for_account(account: &Account) -> Result<Identity, ProcessError> {
-        let me = nix::unistd::geteuid();
         match &account.run_as {
-            Some(name) if me.is_root() => {
-                let user = User::from_name(name)
-                    .map_err(ProcessError::Lookup)?
-                    .ok_or_else(|| ProcessError::NoSuchUser {
-                        account: account.name.clone(),
-                        user: name.clone(),
-                    })?;
-                let cname =
-                    CString::new(name.as_bytes()).map_err(|_| ProcessError::NoSuchUser {
-                        account: account.name.clone(),
-                        user: name.clone(),
-                    })?;
-                let groups =
-                    nix::unistd::getgrouplist(&cname, user.gid).map_err(ProcessError::Lookup)?;
-                Ok(Identity::from_user(user, groups, true))
-            }
-            Some(name)
-                if User::from_uid(me).ok().flatten().map(|u| u.name) != Some(name.clone()) =>
-            {
-                Err(ProcessError::CannotSwitch {
-                    account: account.name.clone(),
-                    user: name.clone(),
-                })
-            }
-            _ => {
-                let user = User::from_uid(me).map_err(ProcessError::Lookup)?;
-                Ok(match user {
-                    Some(user) => {
-                        let groups = nix::unistd::getgroups().unwrap_or_default();
-                        Identity::from_user(user, groups, false)
-                    }
-                    None => Identity {
-                        user: me.to_string(),
-                        uid: me,
-                        gid: nix::unistd::getegid(),
-                        groups: Vec::new(),
-                        home: crate::paths::home_dir(),
-                        shell: PathBuf::from("/bin/sh"),
-                        switch: false,
-                    },
-                })
-            }
+            Some(user) => Identity::for_run_as(&account.name, user),
+            None => Identity::own(),
         }
+    }
+
+    /// OS user `user` for account `account` (an account's or an endpoint's `run_as`): only
+    /// when the agent runs as root, or already runs as that user.
+    pub fn for_run_as(account: &str, user: &str) -> Result<Identity, ProcessError> {
+        let me = nix::unistd::geteuid();
+        let no_such = || ProcessError::NoSuchUser {
+            account: account.to_string(),
+            user: user.to_string(),
+        };
+        if me.is_root() {
+            let found = User::from_name(user)
+                .map_err(ProcessError::Lookup)?
+                .ok_or_else(no_such)?;
+            let cname = CString::new(user.as_bytes()).map_err(|_| no_such())?;
+            let groups =
+                nix::unistd::getgrouplist(&cname, found.gid).map_err(ProcessError::Lookup)?;
+            return Ok(Identity::from_user(found, groups, true));
+        }
+        if User::from_uid(me).ok().flatten().map(|u| u.name).as_deref() != Some(user) {
+            return Err(ProcessError::CannotSwitch {
+                account: account.to_string(),
+                user: user.to_string(),
+            });
+        }
+        Identity::own()
+    }
+
+    /// The agent's own user.
+    fn own() -> Result<Identity, ProcessError> {
+        let me = nix::unistd::geteuid();
+        let user = User::from_uid(me).map_err(ProcessError::Lookup)?;
+        Ok(match user {
+            Some(user) => {
+                let groups = nix::unistd::getgroups().unwrap_or_default();
+                Identity::from_user(user, groups, false)
+            }
+            None => Identity {
+                user: me.to_string(),
+                uid: me,
+                gid: nix::unistd::getegid(),
+                groups: Vec::new(),
+                home: crate::paths::home_dir(),
+                shell: PathBuf::from("/bin/sh"),
+                switch: false,
+            },
+        })
     }
 
     /// The identity of an OS user known by uid (a local-socket peer, for instance). The agent
@@ -133,6 +139,15 @@ impl Identity {
             shell,
             switch,
         }
+    }
+
+    /// Names of the identity's groups (those that have one).
+    pub fn group_names(&self) -> Vec<String> {
+        self.groups
+            .iter()
+            .filter_map(|g| nix::unistd::Group::from_gid(*g).ok().flatten())
+            .map(|g| g.name)
+            .collect()
     }
 
     /// Working directory for new processes: the home directory if it exists, else `/`.

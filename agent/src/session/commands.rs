@@ -21,6 +21,8 @@ use tokio::sync::mpsc;
 use super::SessionError;
 use super::journal::Journal;
 use super::terminal::exit_of;
+use crate::audit::{Audit, Event, Transport};
+use crate::endpoints::{Endpoint, EndpointError, RunPolicy};
 use crate::process::{self, Identity, Input, Program, Spec};
 
 /// The wrapper: `$1` is the state directory, `$2` the command line. One file, `env`, holds
@@ -159,6 +161,10 @@ fn prune(sids: &Mutex<Vec<Sid>>) -> Vec<u32> {
 struct RunningCommand {
     input: mpsc::Sender<Input>,
     pid: Option<u32>,
+    /// Input bytes taken so far (bounded by the endpoint's input quota).
+    input_bytes: u64,
+    /// Why the agent stopped the command (a quota, the operation timeout), for its output.
+    stopped: Arc<Mutex<Option<String>>>,
 }
 
 pub struct Commands {
@@ -170,6 +176,20 @@ pub struct Commands {
     sids: Arc<Mutex<Vec<Sid>>>,
     max_running: usize,
     start: StartState,
+    /// What may run here, and the per-command quotas.
+    endpoint: Arc<Endpoint>,
+    /// Who runs the commands (counted against `max_commands_per_user`), where, for the
+    /// audit log.
+    audited: Audited,
+}
+
+/// What a session's commands are recorded under in the audit log.
+#[derive(Debug, Clone)]
+pub struct Audited {
+    pub audit: Audit,
+    pub session: String,
+    pub account: String,
+    pub transport: Transport,
 }
 
 impl Commands {
@@ -178,6 +198,8 @@ impl Commands {
         dir: PathBuf,
         max_running: usize,
         start: &StartState,
+        endpoint: Arc<Endpoint>,
+        audited: Audited,
     ) -> Result<Commands, SessionError> {
         let err = |source| SessionError::StateDir {
             path: dir.clone(),
@@ -209,6 +231,27 @@ impl Commands {
             sids: Arc::new(Mutex::new(Vec::new())),
             max_running,
             start: start.clone(),
+            endpoint,
+            audited,
+        })
+    }
+
+    /// `line` as the endpoint lets it run: unchanged on a shell endpoint; on a restricted
+    /// one, the allow-listed program with the line's words as arguments, never a shell.
+    fn permitted(&self, line: Line) -> Result<Line, SessionError> {
+        Ok(match (&self.endpoint.run, line) {
+            (RunPolicy::Shell, line) => line,
+            (RunPolicy::Commands(_), Line::Shell(text)) => {
+                Line::Exec(restricted_argv(self.endpoint.command_line(&text)?)?)
+            }
+            (RunPolicy::Commands(_), Line::Exec(argv)) => {
+                let Some((program, args)) = argv.split_first() else {
+                    return Err(SessionError::Invalid("an empty command".into()));
+                };
+                Line::Exec(restricted_argv(
+                    self.endpoint.argv(program, args.to_vec())?,
+                )?)
+            }
         })
     }
 
@@ -243,6 +286,21 @@ impl Commands {
                 setting: "max_running_commands",
             });
         }
+        // A restricted endpoint runs allow-listed programs only, never a shell.
+        let permitted = self
+            .permitted(line)
+            .and_then(|line| Ok((line, self.endpoint.start_command(&self.audited.account)?)));
+        let (line, counted) = permitted.inspect_err(|e| {
+            if let SessionError::Endpoint(e) = e {
+                self.audited.audit.record(Event::Refused {
+                    account: self.audited.account.clone(),
+                    endpoint: self.endpoint.name.clone(),
+                    transport: self.audited.transport,
+                    reason: e.to_string(),
+                    peer: None,
+                });
+            }
+        })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // A simple command (one program and plain words) in a session with no state yet runs
         // directly, as `sh -c` would run it, without the shell. Should that fail (not found,
@@ -258,7 +316,9 @@ impl Commands {
                 cwd: None,
             };
             if let Ok(child) = process::spawn_vfork(&self.identity, &spec) {
-                return self.started(id, text.clone(), child, journal).await;
+                return self
+                    .started(id, text.clone(), child, journal, counted)
+                    .await;
             }
         }
         let mut env = self.identity.base_env();
@@ -292,7 +352,7 @@ impl Commands {
         };
         let spec = Spec { program, env, cwd };
         let child = process::spawn_vfork(&self.identity, &spec)?;
-        self.started(id, command, child, journal).await
+        self.started(id, command, child, journal, counted).await
     }
 
     /// Book-keeping for a command just spawned: its input feeder, its `started` record and
@@ -303,6 +363,7 @@ impl Commands {
         command: String,
         mut child: process::Child,
         journal: &Arc<Journal>,
+        counted: crate::endpoints::CommandSlot,
     ) -> Result<(u64, u64), SessionError> {
         let pid = child.id();
         prune(&self.sids);
@@ -315,13 +376,17 @@ impl Commands {
             });
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(process::feed_stdin(rx, child.stdin.take()));
+        let stopped = Arc::new(Mutex::new(None));
         self.map().insert(
             id,
             RunningCommand {
                 input: tx,
                 pid: Some(pid),
+                input_bytes: 0,
+                stopped: stopped.clone(),
             },
         );
+        let line = command.clone();
         let started = record::Kind::Started(CommandStarted { command });
         let Ok(seq) = journal.append(id, started).await else {
             process::signal_group(pid, Signal::SIGHUP);
@@ -334,13 +399,40 @@ impl Commands {
             child,
             self.running.clone(),
             self.sids.clone(),
+            Stop {
+                endpoint: self.endpoint.clone(),
+                reason: stopped,
+                _counted: counted,
+                audited: self.audited.clone(),
+                command: line,
+                started: std::time::Instant::now(),
+            },
         ));
         Ok((id, seq))
     }
 
-    /// Input for command `id`: data, or `None` for end of input. `None` if no such command.
+    /// Input for command `id`: data, or `None` for end of input. `None` if no such command was ever started.
+    /// Input beyond the endpoint's `max_input_mb_per_command` stops the command. Input for a
+    /// command that already finished is dropped, as a pipe to an exited process would: the
+    /// client cannot know it raced the exit.
     pub async fn input(&self, id: u64, data: Option<bytes::Bytes>) -> Option<()> {
-        let tx = self.map().get(&id)?.input.clone();
+        let tx = {
+            let mut map = self.map();
+            let Some(cmd) = map.get_mut(&id) else {
+                let started = id != 0 && id < self.next_id.load(Ordering::Relaxed);
+                return started.then_some(());
+            };
+            if let Some(d) = &data {
+                cmd.input_bytes += d.len() as u64;
+                if cmd.input_bytes > self.endpoint.limits.max_input_bytes() {
+                    if let Some(pid) = cmd.pid {
+                        stop(&cmd.stopped, pid, self.endpoint.input_quota());
+                    }
+                    return Some(());
+                }
+            }
+            cmd.input.clone()
+        };
         let _ = tx
             .send(match data {
                 Some(d) => Input::Data(d),
@@ -400,29 +492,97 @@ fn output(stream: Stream, data: bytes::Bytes) -> record::Kind {
     })
 }
 
+/// A [`RunningCommand`]'s endpoint limits and stop reason, as its pump sees them.
+struct Stop {
+    endpoint: Arc<Endpoint>,
+    reason: Arc<Mutex<Option<String>>>,
+    /// Counts the command against `max_commands_per_user` until it is over.
+    _counted: crate::endpoints::CommandSlot,
+    /// For the audit line written when it ends.
+    audited: Audited,
+    command: String,
+    started: std::time::Instant,
+}
+
+/// Stop a command's process group for `why` (the first reason wins).
+fn stop(reason: &Mutex<Option<String>>, pid: u32, why: EndpointError) {
+    let mut r = reason.lock().unwrap_or_else(|p| p.into_inner());
+    if r.is_none() {
+        *r = Some(why.to_string());
+        process::signal_group(pid, Signal::SIGKILL);
+    }
+}
+
 async fn pump(
     journal: Arc<Journal>,
     id: u64,
     mut child: process::Child,
     running: Arc<Mutex<HashMap<u64, RunningCommand>>>,
     sids: Arc<Mutex<Vec<Sid>>>,
+    limits: Stop,
 ) {
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let mut status = None;
     let mut closed = false;
+    let group = child.id();
+    // Output beyond the endpoint's quota is not journaled; the command is stopped.
+    let mut budget = limits.endpoint.limits.max_received_bytes();
+    let deadline = limits.endpoint.timeouts.operation;
+    let timeout = async {
+        match deadline {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(timeout);
+    let mut timed_out = false;
     while !closed && (stdout.is_some() || stderr.is_some() || status.is_none()) {
-        tokio::select! {
+        let (stream, chunk) = tokio::select! {
             chunk = async { read_chunk(stdout.as_mut()?).await }, if stdout.is_some() => match chunk {
-                Some(data) => closed = journal.append(id, output(Stream::Stdout, data)).await.is_err(),
-                None => stdout = None,
+                Some(data) => (Stream::Stdout, data),
+                None => { stdout = None; continue }
             },
             chunk = async { read_chunk(stderr.as_mut()?).await }, if stderr.is_some() => match chunk {
-                Some(data) => closed = journal.append(id, output(Stream::Stderr, data)).await.is_err(),
-                None => stderr = None,
+                Some(data) => (Stream::Stderr, data),
+                None => { stderr = None; continue }
             },
-            st = child.wait(), if status.is_none() => status = Some(st.ok()),
+            st = child.wait(), if status.is_none() => { status = Some(st.ok()); continue }
+            () = &mut timeout, if !timed_out => {
+                timed_out = true;
+                if let Some(d) = deadline {
+                    stop(&limits.reason, group, EndpointError::OperationTimeout {
+                        endpoint: limits.endpoint.name.clone(),
+                        secs: d.as_secs(),
+                    });
+                }
+                continue;
+            }
+        };
+        let mut data = chunk;
+        if data.len() as u64 > budget {
+            data.truncate(budget as usize);
+            stop(&limits.reason, group, limits.endpoint.output_quota());
         }
+        budget -= data.len() as u64;
+        if !data.is_empty() {
+            closed = journal.append(id, output(stream, data)).await.is_err();
+        }
+    }
+    let why = limits
+        .reason
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let why_stopped = why.clone();
+    if let Some(why) = why
+        && !closed
+    {
+        let text = bytes::Bytes::from(format!("\nremote-agent: {why}\n"));
+        closed = journal
+            .append(id, output(Stream::Stderr, text))
+            .await
+            .is_err();
     }
     if closed && status.is_none() {
         status = Some(child.wait().await.ok());
@@ -437,9 +597,35 @@ async fn pump(
             .unwrap_or_else(|p| p.into_inner())
             .retain(|s| s.pid != pid);
     }
-    let _ = journal
-        .append(id, record::Kind::Exit(exit_of(status.flatten())))
-        .await;
+    let exit = exit_of(status.flatten());
+    limits.audited.audit.record(Event::Command {
+        session: Some(limits.audited.session.clone()),
+        peer: None,
+        account: limits.audited.account.clone(),
+        endpoint: limits.endpoint.name.clone(),
+        transport: limits.audited.transport,
+        command: limits.command.clone(),
+        exit_code: exit.signal.is_empty().then_some(exit.code),
+        signal: (!exit.signal.is_empty()).then(|| exit.signal.clone()),
+        bytes_out: limits.endpoint.limits.max_received_bytes() - budget,
+        duration_ms: limits.started.elapsed().as_millis() as u64,
+        reason: why_stopped,
+    });
+    let _ = journal.append(id, record::Kind::Exit(exit)).await;
+}
+
+/// The argv of an allow-listed program (what a restricted endpoint resolved a line to).
+fn restricted_argv(program: Program) -> Result<Vec<String>, SessionError> {
+    match program {
+        Program::Exec(path, args) => {
+            let mut argv = vec![path.to_string_lossy().into_owned()];
+            argv.extend(args);
+            Ok(argv)
+        }
+        Program::ShellCommand(_) | Program::LoginShell => Err(SessionError::Invalid(
+            "a restricted endpoint resolved a command to a shell".into(),
+        )),
+    }
 }
 
 #[cfg(test)]

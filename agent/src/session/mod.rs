@@ -17,6 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 use remote_proto::session::{Buffering, SessionInfo, SessionState, Shape};
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{Audit, Event, SessionAction, Transport};
+use crate::endpoints::{Caller, Endpoint, EndpointError, Endpoints};
 use crate::process::{Identity, ProcessError, PtySettings};
 use journal::{Journal, Mode};
 
@@ -32,6 +34,10 @@ pub struct SessionDefaults {
     pub max_sessions_per_user: usize,
     /// Commands running at once in one commands session.
     pub max_running_commands: usize,
+    /// Who may open sessions, what runs in them, their quotas (crate::endpoints).
+    pub endpoints: Endpoints,
+    /// Whether spill buffering has a relay to spill to (else an endpoint's spill is block).
+    pub spill_possible: bool,
 }
 
 impl Default for SessionDefaults {
@@ -43,6 +49,8 @@ impl Default for SessionDefaults {
             max_journal_bytes: 2 << 30,
             max_sessions_per_user: 64,
             max_running_commands: 64,
+            endpoints: Endpoints::default(),
+            spill_possible: false,
         }
     }
 }
@@ -53,8 +61,29 @@ impl Default for SessionDefaults {
 pub struct Principal {
     pub name: String,
     pub admin: bool,
+    /// The account's groups (endpoints admit by group).
+    pub groups: Vec<String>,
     pub identity: Identity,
     pub transport: &'static str,
+}
+
+impl Principal {
+    /// Who this is, as endpoints see it.
+    pub fn caller(&self) -> Caller<'_> {
+        Caller {
+            name: &self.name,
+            admin: self.admin,
+            groups: &self.groups,
+        }
+    }
+}
+
+/// What `who`'s processes run as on `endpoint`: its `run_as` user when it names one.
+pub fn endpoint_identity(who: &Principal, endpoint: &Endpoint) -> Result<Identity, ProcessError> {
+    match &endpoint.run_as {
+        Some(user) => Identity::for_run_as(&who.name, user),
+        None => Ok(who.identity.clone()),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +109,8 @@ pub enum SessionError {
         limit: usize,
         setting: &'static str,
     },
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
     #[error(transparent)]
     Process(#[from] ProcessError),
     #[error("cannot prepare the session's state directory {path}: {source}")]
@@ -120,7 +151,9 @@ pub struct Session {
     pub id: String,
     pub name: String,
     pub owner: String,
-    pub endpoint: String,
+    pub endpoint: Arc<Endpoint>,
+    /// The session's place among its endpoint's `max_connections`, given back on close.
+    connection: Mutex<Option<crate::endpoints::EndpointUse>>,
     pub transport: &'static str,
     pub created: SystemTime,
     pub idle_timeout: Duration,
@@ -171,7 +204,7 @@ impl Session {
             owner: self.owner.clone(),
             shape: self.shape() as i32,
             state: state as i32,
-            endpoint: self.endpoint.clone(),
+            endpoint: self.endpoint.name.clone(),
             buffering: match self.journal.mode() {
                 Mode::Block => Buffering::Block,
                 Mode::Drop => Buffering::Drop,
@@ -312,6 +345,10 @@ impl Session {
             }
             st.closed = true;
         }
+        self.connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         match &self.kind {
             Kind::Terminal(t) => t.kill(),
             Kind::Commands(c) => c.kill_all(),
@@ -337,6 +374,8 @@ impl Drop for AttachGuard {
 pub struct SessionHost {
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     defaults: SessionDefaults,
+    /// Where session, command and refusal events go (crate::audit).
+    audit: Audit,
     /// Where commands-shape sessions keep their carried-over state (one directory each).
     state_root: std::path::PathBuf,
     /// UIDs whose directory in `state_root` exists.
@@ -345,9 +384,19 @@ pub struct SessionHost {
 
 impl SessionHost {
     pub fn new(defaults: SessionDefaults, state_root: std::path::PathBuf) -> Arc<SessionHost> {
+        SessionHost::with_audit(defaults, state_root, Audit::disabled())
+    }
+
+    /// A host whose events go to `audit`.
+    pub fn with_audit(
+        defaults: SessionDefaults,
+        state_root: std::path::PathBuf,
+        audit: Audit,
+    ) -> Arc<SessionHost> {
         Arc::new(SessionHost {
             sessions: Mutex::new(HashMap::new()),
             defaults,
+            audit,
             state_root,
             user_roots: Mutex::new(std::collections::HashSet::new()),
         })
@@ -388,12 +437,59 @@ impl SessionHost {
         &self.defaults
     }
 
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
     pub async fn open(
         &self,
         who: &Principal,
         req: OpenRequest,
     ) -> Result<Arc<Session>, SessionError> {
-        let mine = self.map().values().filter(|s| s.owner == who.name).count();
+        let endpoint = req.endpoint.clone();
+        let result = self.open_inner(who, req).await;
+        let transport = Transport::from_label(who.transport);
+        match &result {
+            Ok(s) => self.audit.record(Event::Session {
+                action: SessionAction::Open,
+                session: s.id.clone(),
+                account: who.name.clone(),
+                endpoint: s.endpoint.name.clone(),
+                transport,
+                peer: None,
+            }),
+            Err(SessionError::Endpoint(e)) => self.audit.record(Event::Refused {
+                account: who.name.clone(),
+                endpoint: if endpoint.is_empty() {
+                    crate::endpoints::DEFAULT_ENDPOINT.into()
+                } else {
+                    endpoint
+                },
+                transport,
+                reason: e.to_string(),
+                peer: None,
+            }),
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn open_inner(
+        &self,
+        who: &Principal,
+        req: OpenRequest,
+    ) -> Result<Arc<Session>, SessionError> {
+        let endpoint = self.defaults.endpoints.admit(&req.endpoint, who.caller())?;
+        let (mine, mine_here) =
+            self.map()
+                .values()
+                .filter(|s| s.owner == who.name)
+                .fold((0, 0), |(all, here), s| {
+                    (
+                        all + 1,
+                        here + usize::from(s.endpoint.name == endpoint.name),
+                    )
+                });
         if mine >= self.defaults.max_sessions_per_user {
             return Err(SessionError::Quota {
                 what: "too many open sessions; remove some with `remote session rm`",
@@ -401,30 +497,63 @@ impl SessionHost {
                 setting: "max_sessions_per_user",
             });
         }
+        if mine_here >= endpoint.limits.max_sessions_per_user {
+            return Err(EndpointError::PerUser {
+                endpoint: endpoint.name.clone(),
+                what: "open sessions",
+                limit: endpoint.limits.max_sessions_per_user,
+                setting: "max_sessions_per_user",
+            }
+            .into());
+        }
+        let connection = endpoint.connect()?;
+        let identity = endpoint_identity(who, &endpoint)?;
         let id = new_id();
         let journal_bytes = req
             .journal_bytes
             .unwrap_or(self.defaults.journal_bytes)
             .clamp(64 << 10, self.defaults.max_journal_bytes);
-        let journal = Arc::new(Journal::new(
-            journal_bytes,
-            req.buffering.unwrap_or(self.defaults.buffering),
-        ));
+        let buffering = match req.buffering.or(endpoint.buffering) {
+            Some(Mode::Spill) if !self.defaults.spill_possible => Mode::Block,
+            Some(mode) => mode,
+            None => self.defaults.buffering,
+        };
+        let journal = Arc::new(Journal::new(journal_bytes, buffering));
         let kind = match req.shape {
             Shape::Terminal => {
-                Kind::Terminal(terminal::Terminal::start(&who.identity, &req.terminal)?)
+                endpoint.interactive()?;
+                Kind::Terminal(terminal::Terminal::start(
+                    &identity,
+                    &req.terminal,
+                    &endpoint.env,
+                    endpoint.workdir.clone(),
+                )?)
             }
             Shape::Commands | Shape::Unspecified => {
-                let dir = self.user_state_root(&who.identity)?.join(&id);
+                let dir = self.user_state_root(&identity)?.join(&id);
                 let max_running = req
                     .max_running
                     .unwrap_or(self.defaults.max_running_commands)
                     .clamp(1, self.defaults.max_running_commands.max(1));
+                let mut start = req.start.clone();
+                let mut env = endpoint.env.clone();
+                env.append(&mut start.env);
+                start.env = env;
+                if start.cwd.is_none() {
+                    start.cwd = endpoint.workdir.clone();
+                }
                 Kind::Commands(commands::Commands::new(
-                    who.identity.clone(),
+                    identity,
                     dir,
                     max_running,
-                    &req.start,
+                    &start,
+                    endpoint.clone(),
+                    commands::Audited {
+                        audit: self.audit.clone(),
+                        session: id.clone(),
+                        account: who.name.clone(),
+                        transport: Transport::from_label(who.transport),
+                    },
                 )?)
             }
         };
@@ -437,14 +566,15 @@ impl SessionHost {
             id: id.clone(),
             name,
             owner: who.name.clone(),
-            endpoint: if req.endpoint.is_empty() {
-                "default".into()
-            } else {
-                req.endpoint.clone()
-            },
             transport: who.transport,
             created: SystemTime::now(),
-            idle_timeout: req.idle_timeout.unwrap_or(self.defaults.idle_timeout),
+            // The shorter of what the client asks and what the endpoint allows.
+            idle_timeout: req
+                .idle_timeout
+                .unwrap_or(Duration::MAX)
+                .min(endpoint.timeouts.idle.unwrap_or(self.defaults.idle_timeout)),
+            endpoint,
+            connection: Mutex::new(Some(connection)),
             journal,
             kind,
             status: Mutex::new(Status {
@@ -456,7 +586,7 @@ impl SessionHost {
         if let Kind::Terminal(t) = &session.kind {
             t.start_pump(session.clone());
         }
-        tracing::info!(session = %id, owner = %who.name, shape = ?req.shape, transport = who.transport, "session opened");
+        tracing::info!(session = %id, owner = %who.name, endpoint = %session.endpoint.name, shape = ?req.shape, transport = who.transport, "session opened");
         self.map().insert(id, session.clone());
         Ok(session)
     }
@@ -499,6 +629,14 @@ impl SessionHost {
     fn remove(&self, session: &Arc<Session>, why: &str) {
         self.map().remove(&session.id);
         session.close();
+        self.audit.record(Event::Session {
+            action: SessionAction::Close,
+            session: session.id.clone(),
+            account: session.owner.clone(),
+            endpoint: session.endpoint.name.clone(),
+            transport: Transport::from_label(session.transport),
+            peer: None,
+        });
         if let Kind::Commands(c) = &session.kind {
             c.remove_state();
         }

@@ -28,11 +28,20 @@ pub struct Terminal {
 }
 
 impl Terminal {
-    pub fn start(identity: &Identity, settings: &PtySettings) -> Result<Terminal, ProcessError> {
+    /// Start the login shell of `identity` on a terminal, with `env` added to its
+    /// environment and in `cwd` (default: the home directory).
+    pub fn start(
+        identity: &Identity,
+        settings: &PtySettings,
+        env: &[(String, String)],
+        cwd: Option<std::path::PathBuf>,
+    ) -> Result<Terminal, ProcessError> {
+        let mut base = identity.base_env();
+        base.extend(env.iter().cloned());
         let spec = Spec {
             program: Program::LoginShell,
-            env: identity.base_env(),
-            cwd: None,
+            env: base,
+            cwd,
         };
         let p = process::spawn_pty(identity, &spec, settings)?;
         let master = std::os::fd::AsFd::as_fd(&p.pty)

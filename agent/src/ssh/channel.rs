@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{Audit, Event, Transport};
 use crate::process::{self, Identity, Input, ProcessError, PtySettings, Spec};
 
 /// Queued input messages per channel (each at most one SSH packet, 32 KiB).
@@ -30,11 +31,73 @@ pub struct Running {
     input: mpsc::Sender<Input>,
     pid: Option<u32>,
     exited: Arc<AtomicBool>,
+    quota: Option<Arc<Quota>>,
+    input_bytes: std::sync::atomic::AtomicU64,
+}
+
+/// An exec's limits (the endpoint's per-command quotas) and, once one is hit, why the
+/// process was stopped.
+#[derive(Debug)]
+pub struct Quota {
+    pub max_output: u64,
+    pub output_exceeded: String,
+    pub max_input: u64,
+    pub input_exceeded: String,
+    /// The endpoint's operation timeout, and what to say when it strikes.
+    pub deadline: Option<(Duration, String)>,
+    stopped: std::sync::Mutex<Option<String>>,
+}
+
+impl Quota {
+    pub fn new(
+        max_output: u64,
+        output_exceeded: String,
+        max_input: u64,
+        input_exceeded: String,
+    ) -> Quota {
+        Quota {
+            max_output,
+            output_exceeded,
+            max_input,
+            input_exceeded,
+            deadline: None,
+            stopped: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Kill the process group for `why` (the first reason wins).
+    fn stop(&self, pid: Option<u32>, why: &str) {
+        let mut s = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        if s.is_none() {
+            *s = Some(why.to_string());
+            if let Some(pid) = pid {
+                process::signal_group(pid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    fn reason(&self) -> Option<String> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 impl Running {
-    /// Queue input for the process; waits while the queue is full (backpressure).
+    /// Queue input for the process; waits while the queue is full (backpressure). Input
+    /// beyond the quota stops the process instead.
     pub async fn send(&self, input: Input) {
+        if let (Some(q), Input::Data(d)) = (&self.quota, &input) {
+            let total = self
+                .input_bytes
+                .fetch_add(d.len() as u64, Ordering::Relaxed)
+                + d.len() as u64;
+            if total > q.max_input {
+                q.stop(self.pid, &q.input_exceeded);
+                return;
+            }
+        }
         // A closed queue means the process is gone; its input is discarded, like a pipe's.
         let _ = self.input.send(input).await;
     }
@@ -61,7 +124,44 @@ impl Drop for Running {
     }
 }
 
+/// What a channel's process is recorded as in the audit log when it ends.
+#[derive(Debug, Clone)]
+pub struct ExecAudit {
+    pub audit: Audit,
+    pub account: String,
+    pub endpoint: String,
+    pub peer: String,
+    /// The command line; empty for an interactive shell.
+    pub command: String,
+}
+
+impl ExecAudit {
+    fn record(
+        self,
+        status: Option<&std::process::ExitStatus>,
+        bytes_out: u64,
+        started: std::time::Instant,
+        reason: Option<String>,
+    ) {
+        let exit = crate::session::terminal::exit_of(status.copied());
+        self.audit.record(Event::Command {
+            session: None,
+            peer: Some(self.peer),
+            account: self.account,
+            endpoint: self.endpoint,
+            transport: Transport::Ssh,
+            command: self.command,
+            exit_code: exit.signal.is_empty().then_some(exit.code),
+            signal: (!exit.signal.is_empty()).then_some(exit.signal),
+            bytes_out,
+            duration_ms: started.elapsed().as_millis() as u64,
+            reason,
+        });
+    }
+}
+
 /// Start `spec` for channel `id` and wire it to the connection behind `handle`.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     handle: Handle,
     id: ChannelId,
@@ -69,16 +169,27 @@ pub fn start(
     spec: &Spec,
     pty: Option<&PtySettings>,
     shutdown: CancellationToken,
+    quota: Option<Quota>,
+    audit: ExecAudit,
 ) -> Result<Running, ProcessError> {
     let (tx, rx) = mpsc::channel(INPUT_QUEUE);
     let exited = Arc::new(AtomicBool::new(false));
+    let quota = quota.map(Arc::new);
     let pid = match pty {
         None => {
             let mut child = process::spawn_piped(identity, spec)?;
             let pid = child.id();
             let stdin = child.stdin.take();
             tokio::spawn(process::feed_stdin(rx, stdin));
-            tokio::spawn(pump_piped(handle, id, child, exited.clone(), shutdown));
+            tokio::spawn(pump_piped(
+                handle,
+                id,
+                child,
+                exited.clone(),
+                shutdown,
+                quota.clone(),
+                audit,
+            ));
             pid
         }
         Some(settings) => {
@@ -93,6 +204,7 @@ pub fn start(
                 reader,
                 exited.clone(),
                 shutdown,
+                audit,
             ));
             pid
         }
@@ -101,6 +213,8 @@ pub fn start(
         input: tx,
         pid,
         exited,
+        quota,
+        input_bytes: std::sync::atomic::AtomicU64::new(0),
     })
 }
 
@@ -134,6 +248,8 @@ where
         input: tx,
         pid: None,
         exited,
+        quota: None,
+        input_bytes: std::sync::atomic::AtomicU64::new(0),
     }
 }
 
@@ -170,21 +286,53 @@ async fn pump_piped(
     mut child: tokio::process::Child,
     exited: Arc<AtomicBool>,
     shutdown: CancellationToken,
+    quota: Option<Arc<Quota>>,
+    audit: ExecAudit,
 ) {
+    let started = std::time::Instant::now();
+    let mut sent: u64 = 0;
     let pid = child.id();
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let mut status = None;
     let mut hung_up = false;
+    let mut budget = quota.as_ref().map_or(u64::MAX, |q| q.max_output);
+    let deadline = quota.as_ref().and_then(|q| q.deadline.clone());
+    let timeout = async {
+        match &deadline {
+            Some((d, _)) => tokio::time::sleep(*d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(timeout);
+    let mut timed_out = false;
+    // Output beyond the quota is not sent; the process is stopped.
+    let mut within = |mut data: Bytes| {
+        if data.len() as u64 > budget {
+            data.truncate(budget as usize);
+            if let Some(q) = &quota {
+                q.stop(pid, &q.output_exceeded);
+            }
+        }
+        budget -= data.len() as u64;
+        sent += data.len() as u64;
+        data
+    };
     // Like sshd, the channel ends when the process has exited and both pipes are closed.
     while stdout.is_some() || stderr.is_some() || status.is_none() {
         tokio::select! {
             chunk = async { read_chunk(stdout.as_mut()?).await }, if stdout.is_some() => match chunk {
-                Some(data) => if handle.data(id, data).await.is_err() { break },
+                Some(data) => {
+                    let data = within(data);
+                    if !data.is_empty() && handle.data(id, data).await.is_err() { break }
+                }
                 None => stdout = None,
             },
             chunk = async { read_chunk(stderr.as_mut()?).await }, if stderr.is_some() => match chunk {
-                Some(data) => if handle.extended_data(id, 1, data).await.is_err() { break },
+                Some(data) => {
+                    let data = within(data);
+                    if !data.is_empty() && handle.extended_data(id, 1, data).await.is_err() { break }
+                }
                 None => stderr = None,
             },
             st = child.wait(), if status.is_none() => {
@@ -195,9 +343,23 @@ async fn pump_piped(
                 hung_up = true;
                 if let Some(pid) = pid { process::signal_group(pid, Signal::SIGHUP) }
             }
+            () = &mut timeout, if !timed_out => {
+                timed_out = true;
+                if let (Some(q), Some((_, why))) = (&quota, &deadline) {
+                    q.stop(pid, why);
+                }
+            }
         }
     }
-    finish(&handle, id, status.and_then(Result::ok)).await;
+    let why = quota.as_ref().and_then(|q| q.reason());
+    if let Some(why) = &why {
+        let _ = handle
+            .extended_data(id, 1, Bytes::from(format!("\r\nremote-agent: {why}\r\n")))
+            .await;
+    }
+    let status = status.and_then(Result::ok);
+    audit.record(status.as_ref(), sent, started, why);
+    finish(&handle, id, status).await;
 }
 
 async fn pump_pty(
@@ -207,14 +369,20 @@ async fn pump_pty(
     mut reader: pty_process::OwnedReadPty,
     exited: Arc<AtomicBool>,
     shutdown: CancellationToken,
+    audit: ExecAudit,
 ) {
+    let started = std::time::Instant::now();
+    let mut sent: u64 = 0;
     let pid = child.id();
     let mut hung_up = false;
     let mut open = true;
     let status = loop {
         tokio::select! {
             chunk = read_chunk(&mut reader), if open => match chunk {
-                Some(data) => if handle.data(id, data).await.is_err() { open = false },
+                Some(data) => {
+                    sent += data.len() as u64;
+                    if handle.data(id, data).await.is_err() { open = false }
+                }
                 // EIO: every holder of the terminal closed it; the shell is about to exit.
                 None => open = false,
             },
@@ -232,10 +400,14 @@ async fn pump_pty(
     // terminal open do not hold the channel (as with sshd).
     while open {
         match tokio::time::timeout(Duration::from_millis(100), read_chunk(&mut reader)).await {
-            Ok(Some(data)) => open = handle.data(id, data).await.is_ok(),
+            Ok(Some(data)) => {
+                sent += data.len() as u64;
+                open = handle.data(id, data).await.is_ok();
+            }
             _ => open = false,
         }
     }
+    audit.record(status.as_ref(), sent, started, None);
     finish(&handle, id, status).await;
 }
 

@@ -16,6 +16,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::Shared;
 use super::channel::{self, Running};
 use crate::accounts::Account;
+use crate::audit::{Event, Transport};
+use crate::endpoints::{Caller, CommandSlot, ENDPOINT_ENV, EndpointUse};
 use crate::process::{Identity, Input, Program, PtySettings, Spec};
 use crate::session::Principal;
 
@@ -26,10 +28,28 @@ const MAX_ENV_VALUE: usize = 4096;
 const MAX_CHANNELS: usize = 64;
 
 /// Environment variables a client may set, as sshd's usual `AcceptEnv LANG LC_*`.
+/// The environment of a process started for a connection from `p` to `l`.
+fn connection_env(
+    identity: &Identity,
+    p: std::net::SocketAddr,
+    l: std::net::SocketAddr,
+) -> Vec<(String, String)> {
+    let mut env = identity.base_env();
+    env.push((
+        "SSH_CONNECTION".into(),
+        format!("{} {} {} {}", p.ip(), p.port(), l.ip(), l.port()),
+    ));
+    env.push((
+        "SSH_CLIENT".into(),
+        format!("{} {} {}", p.ip(), p.port(), l.port()),
+    ));
+    env
+}
+
 fn env_allowed(name: &str, extra: &[String]) -> bool {
     matches!(
         name,
-        "LANG" | "TERM" | "TZ" | "COLORTERM" | "NO_COLOR" | "LANGUAGE"
+        "LANG" | "TERM" | "TZ" | "COLORTERM" | "NO_COLOR" | "LANGUAGE" | ENDPOINT_ENV
     ) || name.starts_with("LC_")
         || extra.iter().any(|e| e == name)
 }
@@ -44,6 +64,9 @@ struct ChannelState {
     env: Vec<(String, String)>,
     pty: Option<PtySettings>,
     running: Option<Running>,
+    /// The channel's place on its endpoint (`max_connections`, and for an exec
+    /// `max_commands_per_user`), held while the channel is open.
+    endpoint_use: Option<(EndpointUse, Option<CommandSlot>)>,
 }
 
 pub struct Connection {
@@ -65,6 +88,11 @@ impl Connection {
         authenticated: Arc<AtomicBool>,
         startup_permit: Option<OwnedSemaphorePermit>,
     ) -> Self {
+        shared.sessions.audit().record(Event::Connection {
+            transport: Transport::Ssh,
+            peer: peer.to_string(),
+            local: local.to_string(),
+        });
         Connection {
             shared,
             peer,
@@ -79,7 +107,13 @@ impl Connection {
 
     /// Accept `account`: resolve who its processes run as, or refuse when that is impossible.
     fn accept(&mut self, account: Account, method: &str) -> Auth {
-        match Identity::for_account(&account) {
+        let (name, kind) = (
+            account.name.clone(),
+            method.split(' ').next().unwrap_or(method),
+        );
+        let result = Identity::for_account(&account);
+        self.audit_auth(&name, kind, result.as_ref().err().map(|e| e.to_string()));
+        match result {
             Ok(identity) => {
                 tracing::info!(peer = %self.peer, account = %account.name, os_user = %identity.user, "accepted {method}");
                 self.shared.throttle.success(self.peer.ip());
@@ -95,7 +129,8 @@ impl Connection {
         }
     }
 
-    async fn reject(&mut self, user: &str, why: &str) -> Auth {
+    async fn reject(&mut self, user: &str, method: &str, why: &str) -> Auth {
+        self.audit_auth(user, method, Some(why.to_string()));
         self.failures += 1;
         let delay = self.shared.throttle.failure(self.peer.ip(), self.failures);
         tracing::warn!(peer = %self.peer, user = %user, attempt = self.failures, "authentication failed: {why}");
@@ -103,18 +138,16 @@ impl Connection {
         retry()
     }
 
-    fn base_env(&self, identity: &Identity) -> Vec<(String, String)> {
-        let mut env = identity.base_env();
-        let (p, l) = (self.peer, self.local);
-        env.push((
-            "SSH_CONNECTION".into(),
-            format!("{} {} {} {}", p.ip(), p.port(), l.ip(), l.port()),
-        ));
-        env.push((
-            "SSH_CLIENT".into(),
-            format!("{} {} {}", p.ip(), p.port(), l.port()),
-        ));
-        env
+    /// An authentication attempt for the audit log (never the secret).
+    fn audit_auth(&self, account: &str, method: &str, failure: Option<String>) {
+        self.shared.sessions.audit().record(Event::Auth {
+            transport: Transport::Ssh,
+            peer: self.peer.to_string(),
+            account: account.chars().take(256).collect(),
+            method: method.to_string(),
+            success: failure.is_none(),
+            reason: failure,
+        });
     }
 
     /// Start `program` on `id`; replies success or failure on the channel.
@@ -127,7 +160,6 @@ impl Connection {
         let Some(login) = self.login.as_ref() else {
             return session.channel_failure(id);
         };
-        let mut env = self.base_env(&login.identity);
         let Some(state) = self.channels.get_mut(&id) else {
             return session.channel_failure(id);
         };
@@ -135,22 +167,150 @@ impl Connection {
             tracing::debug!(peer = %self.peer, "second shell/exec/subsystem on one channel refused");
             return session.channel_failure(id);
         }
-        env.extend(state.env.iter().cloned());
+        // The endpoint (ssh -o SetEnv=REMOTE_ENDPOINT=NAME; default `default`) decides
+        // whether this may run, and how.
+        let requested = state
+            .env
+            .iter()
+            .find(|(k, _)| k == ENDPOINT_ENV)
+            .map_or("", |(_, v)| v.as_str());
+        let caller = Caller {
+            name: &login.account.name,
+            admin: login.account.admin,
+            groups: &login.account.groups,
+        };
+        let is_exec = matches!(program, Program::ShellCommand(_));
+        let planned = self
+            .shared
+            .sessions
+            .defaults()
+            .endpoints
+            .admit(requested, caller)
+            .and_then(|e| {
+                let program = match program {
+                    Program::ShellCommand(line) => e.command_line(&line)?,
+                    Program::LoginShell => e.interactive()?,
+                    // SFTP: only where a shell would be allowed.
+                    other => e.interactive().map(|_| other)?,
+                };
+                let connection = e.connect()?;
+                let command = if is_exec {
+                    Some(e.start_command(&login.account.name)?)
+                } else {
+                    None
+                };
+                Ok((e, program, (connection, command)))
+            });
+        let (endpoint, program, endpoint_use) = match planned {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::info!(peer = %self.peer, account = %login.account.name, "refused: {e}");
+                self.shared.sessions.audit().record(Event::Refused {
+                    account: login.account.name.clone(),
+                    endpoint: if requested.is_empty() {
+                        crate::endpoints::DEFAULT_ENDPOINT.to_string()
+                    } else {
+                        requested.chars().take(64).collect()
+                    },
+                    transport: Transport::Ssh,
+                    reason: e.to_string(),
+                    peer: Some(self.peer.to_string()),
+                });
+                let handle = session.handle();
+                let message = format!("remote-agent: {e}\r\n");
+                tokio::spawn(async move {
+                    let _ = handle
+                        .extended_data(id, 1, bytes::Bytes::from(message))
+                        .await;
+                    let _ = handle.eof(id).await;
+                    let _ = handle.exit_status_request(id, 1).await;
+                    let _ = handle.close(id).await;
+                });
+                return session.channel_success(id);
+            }
+        };
+        let identity = match crate::session::endpoint_identity(
+            &crate::session::Principal {
+                name: login.account.name.clone(),
+                admin: login.account.admin,
+                groups: login.account.groups.clone(),
+                identity: login.identity.clone(),
+                transport: "ssh",
+            },
+            &endpoint,
+        ) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(peer = %self.peer, account = %login.account.name, "{e}");
+                let _ = session.extended_data(id, 1, format!("remote-agent: {e}\r\n"));
+                return session.channel_failure(id);
+            }
+        };
+        let mut env = connection_env(&identity, self.peer, self.local);
+        env.extend(endpoint.env.iter().cloned());
+        env.extend(state.env.iter().filter(|(k, _)| k != ENDPOINT_ENV).cloned());
         let spec = Spec {
             program,
             env,
-            cwd: None,
+            cwd: endpoint.workdir.clone(),
+        };
+        // Plain SSH channels (ssh, scp, sftp) are bounded only when the endpoint sets its
+        // quotas explicitly: a 50 MB default would break `ssh host cat big-file`, which
+        // sshd users rightly expect to work. Commands in sessions always have them.
+        let quota = (is_exec
+            && (endpoint.explicit_quotas || endpoint.timeouts.operation.is_some()))
+        .then(|| {
+            let unbounded = !endpoint.explicit_quotas;
+            let mut q = channel::Quota::new(
+                if unbounded {
+                    u64::MAX
+                } else {
+                    endpoint.limits.max_received_bytes()
+                },
+                endpoint.output_quota().to_string(),
+                if unbounded {
+                    u64::MAX
+                } else {
+                    endpoint.limits.max_input_bytes()
+                },
+                endpoint.input_quota().to_string(),
+            );
+            q.deadline = endpoint.timeouts.operation.map(|d| {
+                let why = crate::endpoints::EndpointError::OperationTimeout {
+                    endpoint: endpoint.name.clone(),
+                    secs: d.as_secs(),
+                };
+                (d, why.to_string())
+            });
+            q
+        });
+        let audit = channel::ExecAudit {
+            audit: self.shared.sessions.audit().clone(),
+            account: login.account.name.clone(),
+            endpoint: endpoint.name.clone(),
+            peer: self.peer.to_string(),
+            command: match &spec.program {
+                Program::ShellCommand(line) => line.clone(),
+                Program::Exec(p, args) => std::iter::once(p.display().to_string())
+                    .chain(args.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                Program::LoginShell => String::new(),
+            },
         };
         match channel::start(
             session.handle(),
             id,
-            &login.identity,
+            &identity,
             &spec,
             state.pty.as_ref(),
             self.shared.shutdown.clone(),
+            quota,
+            audit,
         ) {
             Ok(running) => {
                 state.running = Some(running);
+                state.endpoint_use = Some(endpoint_use);
                 session.channel_success(id)
             }
             Err(e) => {
@@ -175,8 +335,8 @@ impl russh::server::Handler for Connection {
         let ok = self.shared.passwords.verify(password, hash).await;
         match account {
             Some(account) if ok => Ok(self.accept(account, "password")),
-            Some(_) => Ok(self.reject(user, "wrong password").await),
-            None => Ok(self.reject(user, "no such account").await),
+            Some(_) => Ok(self.reject(user, "password", "wrong password").await),
+            None => Ok(self.reject(user, "password", "no such account").await),
         }
     }
 
@@ -206,7 +366,7 @@ impl russh::server::Handler for Connection {
                 Ok(self.accept(account, &format!("publickey {fp}")))
             }
             _ => Ok(self
-                .reject(user, "key not authorized for this account")
+                .reject(user, "publickey", "key not authorized for this account")
                 .await),
         }
     }
@@ -375,6 +535,7 @@ impl russh::server::Handler for Connection {
                 let principal = Principal {
                     name: login.account.name.clone(),
                     admin: login.account.admin,
+                    groups: login.account.groups.clone(),
                     identity: login.identity.clone(),
                     transport: "ssh",
                 };

@@ -5,6 +5,7 @@
 //! parsed by [`super::soap`] and carried out by [`super::shell`]; the response is sealed again
 //! when the request was.
 
+use crate::audit::{Event, Transport};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -565,14 +566,38 @@ fn principal(conn: &mut Conn, shared: &Shared, user: &str) -> Result<Principal, 
         tracing::error!(account = %account.name, "winrm request refused: {e}");
         Fault::access_denied()
     })?;
+    // First request of this account on the connection: its login, for the audit log (Basic
+    // re-authenticates every request; once is enough to record).
+    shared.shells.audit().record(Event::Auth {
+        transport: transport_of(conn),
+        peer: conn.peer.to_string(),
+        account: account.name.clone(),
+        method: if conn.ntlm_user.is_some() {
+            "ntlm"
+        } else {
+            "basic"
+        }
+        .into(),
+        success: true,
+        reason: None,
+    });
     let p = Principal {
         name: account.name.clone(),
         admin: account.admin,
+        groups: account.groups.clone(),
         identity,
         transport: "winrm",
     };
     conn.principal = Some((account, p.clone()));
     Ok(p)
+}
+
+fn transport_of(conn: &Conn) -> Transport {
+    if conn.tls_binding.is_some() {
+        Transport::Winrms
+    } else {
+        Transport::Winrm
+    }
 }
 
 fn split_scheme(header: &str) -> (&str, &str) {
@@ -622,6 +647,19 @@ fn challenge(shared: &Shared, https: bool) -> Reply {
 
 /// A failed login: logged with why, delayed like SSH password failures, answered with 401.
 async fn refuse(conn: &mut Conn, shared: &Shared, user: &str, why: &str) -> Reply {
+    shared.shells.audit().record(Event::Auth {
+        transport: transport_of(conn),
+        peer: conn.peer.to_string(),
+        account: user.chars().take(256).collect(),
+        method: if why.contains("Basic") {
+            "basic"
+        } else {
+            "ntlm"
+        }
+        .into(),
+        success: false,
+        reason: Some(why.to_string()),
+    });
     conn.failures += 1;
     let delay = shared.throttle.failure(conn.peer.ip(), conn.failures);
     tracing::warn!(peer = %conn.peer, user = ?user, attempt = conn.failures, "winrm authentication failed: {why}");
@@ -648,6 +686,14 @@ async fn basic(
         // Refuse before checking: the password crossed the network in the clear already,
         // but at least nothing runs on it.
         tracing::warn!(peer = %conn.peer, user = ?user, "winrm Basic login over plain HTTP refused: use HTTPS (port 5986) or NTLM, or set allow_unencrypted (--allow-unencrypted) if this network is trusted");
+        shared.shells.audit().record(Event::Auth {
+            transport: Transport::Winrm,
+            peer: conn.peer.to_string(),
+            account: user.chars().take(256).collect(),
+            method: "basic".into(),
+            success: false,
+            reason: Some("Basic over plain HTTP refused".into()),
+        });
         return Err(challenge(shared, https));
     }
     let account = shared.accounts.get(&user);

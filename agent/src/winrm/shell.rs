@@ -5,6 +5,7 @@
 //! per-command cursor, Signal and Delete, the per-user shell quota, and turning session-host
 //! errors into WS-Management faults.
 
+use crate::endpoints::{ENDPOINT_ENV, EndpointError};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -106,6 +107,11 @@ impl Shell {
 }
 
 impl Shells {
+    /// The audit log of the session host the shells live in.
+    pub fn audit(&self) -> &crate::audit::Audit {
+        self.host.audit()
+    }
+
     /// `shutdown`: when cancelled, waiting Receives end at once with the TimedOut fault
     /// (spec §3.7), so connections can finish their request and close.
     pub fn new(
@@ -261,6 +267,7 @@ impl Shells {
                 "WINRS_NOPROFILE",
                 "WINRS_CODEPAGE",
                 "WINRS_CONSOLEMODE_STDIN",
+                ENDPOINT_ENV,
             ]
             .iter()
             .any(|k| k.eq_ignore_ascii_case(name));
@@ -296,11 +303,26 @@ impl Shells {
             .idle_timeout
             .map(|d| d.clamp(Duration::from_secs(1), self.settings.idle_timeout))
             .unwrap_or(self.settings.idle_timeout);
+        // The endpoint: option REMOTE_ENDPOINT, or the variable of that name in the shell's
+        // environment (what pywinrm's open_shell(env_vars=…) can send); default `default`.
+        let endpoint = req
+            .header
+            .option(ENDPOINT_ENV)
+            .map(str::to_string)
+            .or_else(|| {
+                create
+                    .environment
+                    .iter()
+                    .find(|(k, _)| k == ENDPOINT_ENV)
+                    .map(|(_, v)| v.clone())
+            })
+            .unwrap_or_default();
         // The wrapper's own variables are not the client's to set.
         let env = create
             .environment
             .iter()
             .filter(|(k, _)| !k.starts_with("__rs_") && !k.starts_with("__RS_"))
+            .filter(|(k, _)| k != ENDPOINT_ENV)
             .cloned()
             .collect();
         let mut start = StartState { cwd, env };
@@ -323,7 +345,7 @@ impl Shells {
                 OpenRequest {
                     shape: Shape::Commands,
                     name: format!("winrm-{shell_id}"),
-                    endpoint: String::new(),
+                    endpoint: endpoint.trim().to_string(),
                     buffering: None,
                     journal_bytes: Some(self.settings.journal_bytes),
                     idle_timeout: Some(idle),
@@ -340,6 +362,10 @@ impl Shells {
             .await
             .map_err(|e| match e {
                 SessionError::Quota { .. } => Fault::quota_shells(),
+                SessionError::Endpoint(e) => {
+                    tracing::info!(owner = %who.name, "winrm shell refused: {e}");
+                    endpoint_fault(&e)
+                }
                 other => internal(&other),
             })?;
         // Another Create may have taken a client-chosen id meanwhile: never replace it.
@@ -410,6 +436,7 @@ impl Shells {
         };
         let (num, seq) = shell.session.run_line(line).await.map_err(|e| match e {
             SessionError::Quota { .. } => Fault::quota_operations(),
+            SessionError::Endpoint(e) => endpoint_fault(&e),
             SessionError::Closed(_) => Fault::shell_not_found(&shell.id),
             SessionError::Process(p) => Fault::internal_error(2, p.to_string()),
             other => internal(&other),
@@ -539,6 +566,22 @@ fn unknown_command(id: &str) -> Fault {
     Fault::invalid_parameter(format!(
         "no command with CommandId {id} in this shell (it may have been terminated)"
     ))
+}
+
+/// An endpoint's refusal as a fault that carries its message (what, where, next step).
+fn endpoint_fault(e: &EndpointError) -> Fault {
+    match e {
+        EndpointError::OutputQuota { .. }
+        | EndpointError::InputQuota { .. }
+        | EndpointError::OperationTimeout { .. }
+        | EndpointError::Busy { .. }
+        | EndpointError::PerUser { .. } => Fault::quota_operations().with_reason(e.to_string()),
+        EndpointError::Invalid { .. } => Fault::internal_error(1359, e.to_string()),
+        EndpointError::Unknown { .. }
+        | EndpointError::AccessDenied { .. }
+        | EndpointError::CommandRefused { .. }
+        | EndpointError::ShellRefused { .. } => Fault::access_denied().with_reason(e.to_string()),
+    }
 }
 
 fn internal(e: &SessionError) -> Fault {

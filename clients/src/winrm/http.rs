@@ -336,7 +336,7 @@ impl Transport {
         let resp = self.exchange(req, what, timeout).await?;
         if resp.status == StatusCode::UNAUTHORIZED {
             self.conn = None;
-            return Err(self.rejected());
+            return Err(self.rejected(&resp.headers));
         }
         let ct = resp
             .headers
@@ -397,18 +397,32 @@ impl Transport {
         Ok((resp.status, resp.body))
     }
 
-    fn rejected(&self) -> WinrmError {
+    /// A 401 to a request: the password was wrong, or (Basic over http://, when the 401 does
+    /// not offer Basic) the server refuses Basic on an unencrypted connection.
+    fn rejected(&self, headers: &HeaderMap) -> WinrmError {
         let e = &self.endpoint;
+        let offered = offered_schemes(headers);
+        if e.auth == AuthMethod::Basic
+            && !e.tls()
+            && !offered.split(", ").any(|s| s.eq_ignore_ascii_case("basic"))
+        {
+            return WinrmError::AuthNotOffered {
+                addr: e.addr(),
+                method: "Basic",
+                offered,
+                hint: "Basic authentication over http:// is refused by the server (remote-agent accepts it \
+                       only when it runs with --allow-unencrypted). Use winrms://, or leave out --auth basic \
+                       (NTLM encrypts over http://)",
+            };
+        }
         let (method, hint) = match e.auth {
-            AuthMethod::Basic if !e.tls() => (
-                "Basic",
-                "check the user name and password; remote-agent also refuses unencrypted requests over http:// \
-                 unless it runs with --allow-unencrypted: prefer winrms://, or the default --auth ntlm"
-                    .to_string(),
-            ),
             AuthMethod::Basic => (
                 "Basic",
-                "check the user name and password (REMOTE_PASSWORD, --password-stdin)".to_string(),
+                format!(
+                    "check the user name and password (REMOTE_PASSWORD, --password-stdin); \
+                     on remote-agent the account needs a password (remote-agent user add {} --password-stdin)",
+                    e.user
+                ),
             ),
             AuthMethod::Ntlm => (
                 "NTLM",

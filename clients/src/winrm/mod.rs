@@ -184,6 +184,8 @@ fn fault_hint(fault: &Fault, what: &str) -> String {
         Some(soap::CODE_INVALID_SELECTORS) => {
             ": the shell (session) no longer exists there: it was closed, or idled out; open a new one with `remote session new`".into()
         }
+        // remote-agent's own access-denied text already names the endpoint and the fix.
+        Some(5) if fault.reason.contains("access denied:") => String::new(),
         Some(5) => ": this account may not use WinRM on that host; ask its admin for access".into(),
         Some(2150859173) => {
             ": you have too many shells open there; close some (remote session rm) or wait for them to idle out".into()

@@ -19,7 +19,9 @@ pub enum NtlmError {
         "user name '{user}' cannot be used for NTLM ({reason}): write user, DOMAIN\\user or user@domain"
     )]
     BadUser { user: String, reason: String },
-    #[error("NTLM {step} failed: {reason}")]
+    #[error(
+        "NTLM {step} failed: {reason}; try again, and if it persists use winrms:// (HTTPS) with --auth basic"
+    )]
     Failed { step: &'static str, reason: String },
 }
 

@@ -179,6 +179,17 @@ impl Trust {
         Ok(Trust::FirstUse(Arc::new(CertStore::new(store))))
     }
 
+    /// The same trust, except that trust on first use records nothing
+    /// ([`CertStore::read_only`]).
+    pub fn without_recording(&self) -> Trust {
+        match self {
+            Trust::FirstUse(store) => {
+                Trust::FirstUse(Arc::new(CertStore::read_only(store.path().to_path_buf())))
+            }
+            other => other.clone(),
+        }
+    }
+
     /// Handshake over `tcp` with `host` (`addr` = host:port for messages). Returns the stream
     /// and the server's certificate (DER).
     pub async fn connect(
@@ -271,7 +282,7 @@ impl Trust {
                 tracing::debug!(
                     "{addr}: TLS certificate {fp} verified against the system's trusted roots"
                 );
-            } else if store.lookup(&key)?.is_none() {
+            } else if store.lookup(&key)?.is_none() && store.records() {
                 store.record(&key, &fp, addr)?;
                 crate::notice(&format!(
                     "first contact with {addr}: trusting its TLS certificate {fp} and recording it in {} \
@@ -435,6 +446,8 @@ impl ServerCertVerifier for PinVerifier {
 pub struct CertStore {
     path: PathBuf,
     state: Mutex<Option<StoreState>>,
+    /// First contacts are recorded (false: [`CertStore::read_only`]).
+    record: bool,
 }
 
 struct StoreState {
@@ -451,11 +464,27 @@ impl CertStore {
         CertStore {
             path,
             state: Mutex::new(None),
+            record: true,
+        }
+    }
+
+    /// The same lookups, but a first contact is not recorded (`remote test`: a diagnosis
+    /// changes no trust); [`Trust::connect`] then accepts the certificate for that
+    /// connection only, silently.
+    pub fn read_only(path: PathBuf) -> CertStore {
+        CertStore {
+            record: false,
+            ..CertStore::new(path)
         }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether first contacts are recorded.
+    pub fn records(&self) -> bool {
+        self.record
     }
 
     fn with_state<T>(
@@ -842,6 +871,38 @@ mod tests {
         connect(&strict, issued, "localhost", Some(roots.clone()))
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn without_recording_checks_pins_but_writes_nothing() {
+        use rcgen::{CertificateParams, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let server = tls_server(vec![cert.der().clone()], &key).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("winrm_known_hosts");
+        let trust = Trust::new(None, None, path.clone())
+            .unwrap()
+            .without_recording();
+        // First contact: accepted for this connection, nothing written.
+        connect(&trust, server, "localhost", None).await.unwrap();
+        assert!(!path.exists());
+        // A recorded other certificate is still refused as changed.
+        std::fs::write(
+            &path,
+            format!("localhost:{} SHA256:{}\n", server.port(), "A".repeat(43)),
+        )
+        .unwrap();
+        let trust = Trust::new(None, None, path.clone())
+            .unwrap()
+            .without_recording();
+        let err = connect(&trust, server, "localhost", None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TlsError::Changed { line: 1, .. }), "{err}");
     }
 
     #[test]

@@ -1,0 +1,877 @@
+//! Endpoints (session configurations, design.md §4): who may use them (accounts, groups),
+//! what runs there (the account's shell, or an allow-list of commands executed without a
+//! shell), as whom, in which directory and environment, with which quotas and timeouts.
+//! SSH, WinRM and the relay all ask this module, so one rule reads the same everywhere.
+//!
+//! The built-in `default` endpoint admits admins only, as PowerShell's defaults admit only
+//! Administrators; the config file may redefine it (`[endpoints.default]`) and add others.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::process::Program;
+use crate::session::journal::Mode;
+
+/// The endpoint used when a client names none.
+pub const DEFAULT_ENDPOINT: &str = "default";
+/// The group every admin account is in.
+pub const ADMINS_GROUP: &str = "admins";
+/// Environment variable a client may set (ssh `SetEnv`, a WinRM shell's environment) to
+/// choose an endpoint where its protocol has no other way.
+pub const ENDPOINT_ENV: &str = "REMOTE_ENDPOINT";
+/// Where allow-listed command names are looked up (never the client's PATH).
+const SAFE_PATH: &[&str] = &[
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+];
+
+const DEFAULT_MAX_RECEIVED_MB: u64 = 50;
+const DEFAULT_MAX_INPUT_MB: u64 = 10;
+const DEFAULT_MAX_SESSIONS_PER_USER: usize = 64;
+const DEFAULT_MAX_COMMANDS_PER_USER: usize = 64;
+const DEFAULT_MAX_CONNECTIONS: usize = 256;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum EndpointError {
+    #[error(
+        "no endpoint '{name}' on this agent (endpoints: {known}): check --endpoint, or run `remote-agent endpoint list` on the host"
+    )]
+    Unknown { name: String, known: String },
+    #[error(
+        "access denied: user '{user}' may not use endpoint '{endpoint}' (allowed: {allowed}). Ask an admin to add you, or pick --endpoint"
+    )]
+    AccessDenied {
+        user: String,
+        endpoint: String,
+        allowed: String,
+    },
+    #[error(
+        "endpoint '{endpoint}' does not allow '{command}' (allowed: {allowed}; run without a shell): run one of those, or ask an admin for an endpoint that allows it"
+    )]
+    CommandRefused {
+        endpoint: String,
+        command: String,
+        allowed: String,
+    },
+    #[error(
+        "endpoint '{endpoint}' runs only the commands {allowed}; it has no interactive shell: run one of them, or pick another --endpoint"
+    )]
+    ShellRefused { endpoint: String, allowed: String },
+    #[error(
+        "output quota exceeded: endpoint '{endpoint}' allows {limit_mb} MB per command (max_received_mb_per_command)"
+    )]
+    OutputQuota { endpoint: String, limit_mb: u64 },
+    #[error(
+        "input quota exceeded: endpoint '{endpoint}' allows {limit_mb} MB of input per command (max_input_mb_per_command)"
+    )]
+    InputQuota { endpoint: String, limit_mb: u64 },
+    #[error(
+        "operation timeout: endpoint '{endpoint}' stops commands after {secs} s (operation_timeout_secs)"
+    )]
+    OperationTimeout { endpoint: String, secs: u64 },
+    #[error(
+        "quota exceeded: endpoint '{endpoint}' allows {limit} {what} per user ({setting}); close some first"
+    )]
+    PerUser {
+        endpoint: String,
+        what: &'static str,
+        limit: usize,
+        setting: &'static str,
+    },
+    #[error(
+        "endpoint '{endpoint}' is busy: it allows {limit} sessions and connections at once (max_connections); try again later"
+    )]
+    Busy { endpoint: String, limit: usize },
+    #[error("endpoint '{endpoint}' in the agent's config: {problem}")]
+    Invalid { endpoint: String, problem: String },
+}
+
+/// One endpoint as written in the config file (`[endpoints.NAME]`). Every field is optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointFile {
+    /// Accounts admitted (`*`: every account).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
+    /// Groups admitted (`admins`: accounts with the admin flag).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// `shell` (default: the account's shell, any command line) or `commands` (only the
+    /// allow-listed commands, run without a shell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+    /// With `run = "commands"`: command names (looked up in a fixed safe PATH) or absolute
+    /// paths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub commands: Vec<String>,
+    /// OS user the commands run as (the agent must run as root), instead of the account's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<String>,
+    /// Working directory of new processes (default: the user's home).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<PathBuf>,
+    /// Extra environment of new processes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_received_mb_per_command: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_input_mb_per_command: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sessions_per_user: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_commands_per_user: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation_timeout_secs: Option<u64>,
+    /// `block`, `drop` or `spill` (default: the agent's `[sessions] buffering`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffering: Option<String>,
+}
+
+/// What runs on an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunPolicy {
+    /// The account's shell: any command line, interactive shells, SFTP.
+    Shell,
+    /// Only these programs, each started directly with the client's words as its argv.
+    Commands(Vec<Allowed>),
+}
+
+/// An allow-listed command: the name clients use and the file that runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowed {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// Per-endpoint limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_received_mb_per_command: u64,
+    pub max_input_mb_per_command: u64,
+    pub max_sessions_per_user: usize,
+    pub max_commands_per_user: usize,
+    pub max_connections: usize,
+}
+
+impl Limits {
+    pub fn max_received_bytes(&self) -> u64 {
+        self.max_received_mb_per_command.saturating_mul(1_000_000)
+    }
+    pub fn max_input_bytes(&self) -> u64 {
+        self.max_input_mb_per_command.saturating_mul(1_000_000)
+    }
+}
+
+/// Per-endpoint timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// A session with no client for this long is closed (default: `[sessions]
+    /// idle_timeout_secs`).
+    pub idle: Option<Duration>,
+    /// A command running longer than this is stopped (none by default).
+    pub operation: Option<Duration>,
+}
+
+/// A resolved endpoint, with what is using it now (for `max_connections` and
+/// `max_commands_per_user`).
+#[derive(Debug)]
+pub struct Endpoint {
+    pub name: String,
+    users: Vec<String>,
+    groups: Vec<String>,
+    pub run: RunPolicy,
+    pub run_as: Option<String>,
+    pub workdir: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+    pub limits: Limits,
+    /// Whether the config set the per-command quotas itself (plain SSH channels are bound
+    /// by them only then).
+    pub explicit_quotas: bool,
+    pub timeouts: Timeouts,
+    pub buffering: Option<Mode>,
+    /// Sessions and SSH channels using the endpoint now.
+    connections: AtomicUsize,
+    /// Commands running now, per account.
+    commands: Mutex<HashMap<String, usize>>,
+}
+
+/// One session or SSH channel on an endpoint, counted against `max_connections` until
+/// dropped.
+#[derive(Debug)]
+pub struct EndpointUse {
+    endpoint: Arc<Endpoint>,
+}
+
+impl Drop for EndpointUse {
+    fn drop(&mut self) {
+        self.endpoint.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One running command of an account, counted against `max_commands_per_user` until dropped.
+#[derive(Debug)]
+pub struct CommandSlot {
+    endpoint: Arc<Endpoint>,
+    user: String,
+}
+
+impl Drop for CommandSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .endpoint
+            .commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// Who asks to use an endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub name: &'a str,
+    pub admin: bool,
+    pub groups: &'a [String],
+}
+
+impl Endpoint {
+    /// Resolve `file` as endpoint `name`; `relay` says whether spill buffering is possible.
+    pub fn resolve(name: &str, file: &EndpointFile) -> Result<Endpoint, EndpointError> {
+        let invalid = |problem: String| EndpointError::Invalid {
+            endpoint: name.to_string(),
+            problem,
+        };
+        validate_name(name).map_err(invalid)?;
+        let restrict = match file.run.as_deref() {
+            None => !file.commands.is_empty(),
+            Some("commands") => true,
+            Some("shell") => false,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "run = \"{other}\" is not known: use \"shell\" or \"commands\""
+                )));
+            }
+        };
+        let run = match (restrict, file.commands.is_empty()) {
+            (false, true) => RunPolicy::Shell,
+            (false, false) => {
+                return Err(invalid(
+                    "commands are listed but run = \"shell\": set run = \"commands\" to restrict, or drop the list".into(),
+                ));
+            }
+            (true, true) => {
+                return Err(invalid(
+                    "run = \"commands\" needs a non-empty commands list".into(),
+                ));
+            }
+            (true, false) => {
+                let mut allowed = Vec::with_capacity(file.commands.len());
+                for c in &file.commands {
+                    allowed.push(resolve_command(c).map_err(invalid)?);
+                }
+                RunPolicy::Commands(allowed)
+            }
+        };
+        if let Some(dir) = &file.workdir
+            && !dir.is_absolute()
+        {
+            return Err(invalid(format!(
+                "workdir {} must be an absolute path",
+                dir.display()
+            )));
+        }
+        for key in file.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(invalid(format!("env name '{key}' is not valid")));
+            }
+        }
+        let buffering = match file.buffering.as_deref() {
+            None => None,
+            Some("block") => Some(Mode::Block),
+            Some("drop") => Some(Mode::Drop),
+            Some("spill") => Some(Mode::Spill),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "buffering = \"{other}\" is not known: use block, drop or spill"
+                )));
+            }
+        };
+        let positive = |v: Option<u64>, what: &str| match v {
+            Some(0) => Err(invalid(format!("{what} must be at least 1"))),
+            v => Ok(v),
+        };
+        let idle = positive(file.idle_timeout_secs, "idle_timeout_secs")?.map(Duration::from_secs);
+        let operation = positive(file.operation_timeout_secs, "operation_timeout_secs")?
+            .map(Duration::from_secs);
+        let received = positive(
+            file.max_received_mb_per_command,
+            "max_received_mb_per_command",
+        )?
+        .unwrap_or(DEFAULT_MAX_RECEIVED_MB);
+        let input = positive(file.max_input_mb_per_command, "max_input_mb_per_command")?
+            .unwrap_or(DEFAULT_MAX_INPUT_MB);
+        let count = |v: Option<usize>, what: &str, default: usize| match v {
+            Some(0) => Err(invalid(format!("{what} must be at least 1"))),
+            v => Ok(v.unwrap_or(default)),
+        };
+        Ok(Endpoint {
+            name: name.to_string(),
+            users: file.users.clone(),
+            groups: file.groups.clone(),
+            run,
+            run_as: file.run_as.clone().filter(|s| !s.is_empty()),
+            workdir: file.workdir.clone(),
+            env: file
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            limits: Limits {
+                max_received_mb_per_command: received,
+                max_input_mb_per_command: input,
+                max_sessions_per_user: count(
+                    file.max_sessions_per_user,
+                    "max_sessions_per_user",
+                    DEFAULT_MAX_SESSIONS_PER_USER,
+                )?,
+                max_commands_per_user: count(
+                    file.max_commands_per_user,
+                    "max_commands_per_user",
+                    DEFAULT_MAX_COMMANDS_PER_USER,
+                )?,
+                max_connections: count(
+                    file.max_connections,
+                    "max_connections",
+                    DEFAULT_MAX_CONNECTIONS,
+                )?,
+            },
+            explicit_quotas: file.max_received_mb_per_command.is_some()
+                || file.max_input_mb_per_command.is_some(),
+            timeouts: Timeouts { idle, operation },
+            buffering,
+            connections: AtomicUsize::new(0),
+            commands: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Count a session or channel against `max_connections`, or refuse it.
+    pub fn connect(self: &Arc<Self>) -> Result<EndpointUse, EndpointError> {
+        let limit = self.limits.max_connections;
+        let taken = self
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            });
+        match taken {
+            Ok(_) => Ok(EndpointUse {
+                endpoint: self.clone(),
+            }),
+            Err(_) => Err(EndpointError::Busy {
+                endpoint: self.name.clone(),
+                limit,
+            }),
+        }
+    }
+
+    /// Count a command of `user` against `max_commands_per_user`, or refuse it.
+    pub fn start_command(self: &Arc<Self>, user: &str) -> Result<CommandSlot, EndpointError> {
+        let limit = self.limits.max_commands_per_user;
+        let mut map = self.commands.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(user.to_string()).or_insert(0);
+        if *n >= limit {
+            return Err(EndpointError::PerUser {
+                endpoint: self.name.clone(),
+                what: "running commands",
+                limit,
+                setting: "max_commands_per_user",
+            });
+        }
+        *n += 1;
+        Ok(CommandSlot {
+            endpoint: self.clone(),
+            user: user.to_string(),
+        })
+    }
+
+    /// The built-in `default`: admins, the account's shell, default quotas.
+    pub fn builtin_default() -> EndpointFile {
+        EndpointFile {
+            groups: vec![ADMINS_GROUP.into()],
+            ..Default::default()
+        }
+    }
+
+    /// Whether `who` may use this endpoint.
+    pub fn admits(&self, who: Caller<'_>) -> bool {
+        self.users.iter().any(|u| u == "*" || u == who.name)
+            || self.groups.iter().any(|g| {
+                (g == ADMINS_GROUP && who.admin) || g == "*" || who.groups.iter().any(|m| m == g)
+            })
+    }
+
+    /// Who is admitted, for messages: `admins`, `alice, bob, group ops`.
+    pub fn allowed(&self) -> String {
+        let mut parts: Vec<String> = self.users.iter().map(|u| format!("user {u}")).collect();
+        for g in &self.groups {
+            if g == ADMINS_GROUP {
+                parts.insert(0, ADMINS_GROUP.to_string());
+            } else {
+                parts.push(format!("group {g}"));
+            }
+        }
+        if parts.is_empty() {
+            "nobody".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+
+    /// The allow-list, for messages (empty for shell endpoints).
+    pub fn allowed_commands(&self) -> String {
+        match &self.run {
+            RunPolicy::Shell => String::new(),
+            RunPolicy::Commands(list) => list
+                .iter()
+                .map(|a| a.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+
+    /// What runs for a command line a client sent (`ssh host LINE`, a session's run, a WinRM
+    /// command): the line through the shell, or on a restricted endpoint the allow-listed
+    /// program with the line's other words as arguments. Nothing in the line is interpreted
+    /// by a shell there: `df; rm -rf /` asks for a program called `df;`.
+    pub fn command_line(&self, line: &str) -> Result<Program, EndpointError> {
+        match &self.run {
+            RunPolicy::Shell => Ok(Program::ShellCommand(line.to_string())),
+            RunPolicy::Commands(_) => {
+                let words = split_words(line);
+                let Some((first, rest)) = words.split_first() else {
+                    return Err(self.shell_refused());
+                };
+                self.argv(first, rest.to_vec())
+            }
+        }
+    }
+
+    /// What runs for a program and its arguments given apart (WinRM's Command and
+    /// Arguments). On a shell endpoint the caller decides how to join them.
+    pub fn argv(&self, program: &str, args: Vec<String>) -> Result<Program, EndpointError> {
+        match &self.run {
+            RunPolicy::Shell => {
+                let mut line = program.to_string();
+                for a in &args {
+                    line.push(' ');
+                    line.push_str(a);
+                }
+                Ok(Program::ShellCommand(line))
+            }
+            RunPolicy::Commands(list) => {
+                let found = list
+                    .iter()
+                    .find(|a| a.name == program || a.path.as_os_str() == program);
+                match found {
+                    Some(a) => Ok(Program::Exec(a.path.clone(), args)),
+                    None => Err(EndpointError::CommandRefused {
+                        endpoint: self.name.clone(),
+                        command: program.chars().take(64).collect(),
+                        allowed: self.allowed_commands(),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// An interactive shell (or SFTP): only on shell endpoints.
+    pub fn interactive(&self) -> Result<Program, EndpointError> {
+        match &self.run {
+            RunPolicy::Shell => Ok(Program::LoginShell),
+            RunPolicy::Commands(_) => Err(self.shell_refused()),
+        }
+    }
+
+    fn shell_refused(&self) -> EndpointError {
+        EndpointError::ShellRefused {
+            endpoint: self.name.clone(),
+            allowed: self.allowed_commands(),
+        }
+    }
+
+    pub fn output_quota(&self) -> EndpointError {
+        EndpointError::OutputQuota {
+            endpoint: self.name.clone(),
+            limit_mb: self.limits.max_received_mb_per_command,
+        }
+    }
+
+    pub fn input_quota(&self) -> EndpointError {
+        EndpointError::InputQuota {
+            endpoint: self.name.clone(),
+            limit_mb: self.limits.max_input_mb_per_command,
+        }
+    }
+}
+
+/// Every endpoint of the agent.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    map: BTreeMap<String, Arc<Endpoint>>,
+}
+
+impl Default for Endpoints {
+    /// Just the built-in `default`.
+    fn default() -> Self {
+        Endpoints::from_files(&BTreeMap::new()).unwrap_or_else(|_| Endpoints {
+            map: BTreeMap::new(),
+        })
+    }
+}
+
+impl Endpoints {
+    /// The endpoints of the config file, plus the built-in `default` unless it is redefined.
+    pub fn from_files(files: &BTreeMap<String, EndpointFile>) -> Result<Endpoints, EndpointError> {
+        let mut map = BTreeMap::new();
+        if !files.contains_key(DEFAULT_ENDPOINT) {
+            let e = Endpoint::resolve(DEFAULT_ENDPOINT, &Endpoint::builtin_default())?;
+            map.insert(DEFAULT_ENDPOINT.to_string(), Arc::new(e));
+        }
+        for (name, file) in files {
+            map.insert(name.clone(), Arc::new(Endpoint::resolve(name, file)?));
+        }
+        Ok(Endpoints { map })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Endpoint>> {
+        self.map.get(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.map.values()
+    }
+
+    /// The endpoint `requested` (empty: `default`) if `who` may use it.
+    pub fn admit(&self, requested: &str, who: Caller<'_>) -> Result<Arc<Endpoint>, EndpointError> {
+        let name = match requested.trim() {
+            "" => DEFAULT_ENDPOINT,
+            n => n,
+        };
+        let Some(e) = self.map.get(name) else {
+            return Err(EndpointError::Unknown {
+                name: name.chars().take(64).collect(),
+                known: self.map.keys().cloned().collect::<Vec<_>>().join(", "),
+            });
+        };
+        if e.admits(who) {
+            Ok(e.clone())
+        } else {
+            Err(EndpointError::AccessDenied {
+                user: who.name.to_string(),
+                endpoint: e.name.clone(),
+                allowed: e.allowed(),
+            })
+        }
+    }
+}
+
+/// Endpoint names: what people type after `--endpoint`, and a path segment of a ResourceURI.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "the name '{name}' is not valid: use 1-64 letters, digits, '-', '_' or '.'"
+        ))
+    }
+}
+
+/// An allow-list entry: an absolute path that exists, or a bare name found in [`SAFE_PATH`].
+fn resolve_command(entry: &str) -> Result<Allowed, String> {
+    let entry = entry.trim();
+    if entry.is_empty() || entry.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "command '{entry}' is not a program name or absolute path (arguments are the client's)"
+        ));
+    }
+    let path = Path::new(entry);
+    if path.is_absolute() {
+        return if is_executable(path) {
+            Ok(Allowed {
+                name: path
+                    .file_name()
+                    .map_or_else(|| entry.to_string(), |n| n.to_string_lossy().into_owned()),
+                path: path.to_path_buf(),
+            })
+        } else {
+            Err(format!("command {entry} is not an executable file"))
+        };
+    }
+    if entry.contains('/') {
+        return Err(format!(
+            "command '{entry}' must be a bare name or an absolute path"
+        ));
+    }
+    SAFE_PATH
+        .iter()
+        .map(|dir| Path::new(dir).join(entry))
+        .find(|p| is_executable(p))
+        .map(|path| Allowed {
+            name: entry.to_string(),
+            path,
+        })
+        .ok_or_else(|| {
+            format!(
+                "command '{entry}' was not found in {}: give its absolute path",
+                SAFE_PATH.join(":")
+            )
+        })
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Split a command line into words the way a person reads it, without a shell: whitespace
+/// separates words, single and double quotes group them (and are removed), a backslash
+/// escapes the next character. Nothing else is special: `;`, `|`, `$(…)` are plain text.
+pub fn split_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut quote: Option<char> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some('"'), '\\') => match chars.next() {
+                Some(n @ ('"' | '\\')) => cur.push(n),
+                Some(n) => {
+                    cur.push('\\');
+                    cur.push(n);
+                }
+                None => cur.push('\\'),
+            },
+            (Some(_), c) => cur.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                in_word = true;
+            }
+            (None, '\\') => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+                in_word = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            (None, c) => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(cur);
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restricted() -> Endpoint {
+        Endpoint::resolve(
+            "restricted",
+            &EndpointFile {
+                users: vec!["carol".into()],
+                groups: vec!["ops".into()],
+                commands: vec!["uptime".into(), "df".into()],
+                ..Default::default()
+            },
+        )
+        .expect("resolve")
+    }
+
+    fn caller<'a>(name: &'a str, admin: bool, groups: &'a [String]) -> Caller<'a> {
+        Caller {
+            name,
+            admin,
+            groups,
+        }
+    }
+
+    #[test]
+    fn the_default_endpoint_admits_admins_only() {
+        let all = Endpoints::default();
+        assert!(all.admit("", caller("root", true, &[])).is_ok());
+        let err = all.admit("default", caller("bob", false, &[])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "access denied: user 'bob' may not use endpoint 'default' (allowed: admins). Ask an admin to add you, or pick --endpoint"
+        );
+        let err = all.admit("nope", caller("bob", false, &[])).unwrap_err();
+        assert!(err.to_string().contains("endpoints: default"), "{err}");
+    }
+
+    #[test]
+    fn users_and_groups_are_admitted() {
+        let e = restricted();
+        assert!(e.admits(caller("carol", false, &[])));
+        assert!(e.admits(caller("dave", false, &["ops".into()])));
+        assert!(!e.admits(caller("dave", true, &[])));
+        assert_eq!(e.allowed(), "user carol, group ops");
+    }
+
+    #[test]
+    fn restricted_endpoints_run_allow_listed_programs_without_a_shell() {
+        let e = restricted();
+        match e.command_line("df -h").expect("df") {
+            Program::Exec(path, args) => {
+                assert!(path.ends_with("df"), "{path:?}");
+                assert_eq!(args, vec!["-h"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The shell's metacharacters are plain words: `df;` is not `df`.
+        assert!(matches!(
+            e.command_line("df; rm -rf /"),
+            Err(EndpointError::CommandRefused { .. })
+        ));
+        match e.command_line("df '; rm -rf /'").expect("df") {
+            Program::Exec(_, args) => assert_eq!(args, vec!["; rm -rf /"]),
+            other => panic!("{other:?}"),
+        }
+        let err = e.command_line("sh -c 'rm -rf /'").unwrap_err();
+        assert!(err.to_string().contains("endpoint 'restricted'"), "{err}");
+        assert!(err.to_string().contains("uptime, df"), "{err}");
+        assert!(matches!(
+            e.interactive(),
+            Err(EndpointError::ShellRefused { .. })
+        ));
+        assert!(matches!(
+            e.command_line("   "),
+            Err(EndpointError::ShellRefused { .. })
+        ));
+        assert!(matches!(
+            e.argv("/usr/bin/uptime", vec![])
+                .or_else(|_| e.argv("uptime", vec![])),
+            Ok(Program::Exec(..))
+        ));
+    }
+
+    #[test]
+    fn shell_endpoints_pass_the_line_to_the_shell() {
+        let e = Endpoint::resolve(DEFAULT_ENDPOINT, &Endpoint::builtin_default()).expect("d");
+        assert!(matches!(e.command_line("df; ls"), Ok(Program::ShellCommand(l)) if l == "df; ls"));
+        assert!(matches!(e.interactive(), Ok(Program::LoginShell)));
+        assert_eq!(e.limits.max_received_mb_per_command, 50);
+        assert_eq!(e.limits.max_input_mb_per_command, 10);
+        assert_eq!(e.timeouts.idle, None);
+    }
+
+    #[test]
+    fn bad_endpoint_files_say_what_to_fix() {
+        let bad = |f: EndpointFile| Endpoint::resolve("x", &f).unwrap_err().to_string();
+        assert!(
+            bad(EndpointFile {
+                run: Some("commands".into()),
+                ..Default::default()
+            })
+            .contains("non-empty commands")
+        );
+        assert!(
+            bad(EndpointFile {
+                commands: vec!["no-such-program-here".into()],
+                ..Default::default()
+            })
+            .contains("not found")
+        );
+        assert!(
+            bad(EndpointFile {
+                commands: vec!["df -h".into()],
+                ..Default::default()
+            })
+            .contains("arguments are the client's")
+        );
+        assert!(
+            bad(EndpointFile {
+                max_received_mb_per_command: Some(0),
+                ..Default::default()
+            })
+            .contains("at least 1")
+        );
+        assert!(Endpoint::resolve("a b", &EndpointFile::default()).is_err());
+    }
+
+    #[test]
+    fn connections_and_commands_are_counted_until_dropped() {
+        let e = Arc::new(
+            Endpoint::resolve(
+                "small",
+                &EndpointFile {
+                    users: vec!["*".into()],
+                    max_connections: Some(2),
+                    max_commands_per_user: Some(1),
+                    ..Default::default()
+                },
+            )
+            .expect("resolve"),
+        );
+        let a = e.connect().expect("first");
+        let _b = e.connect().expect("second");
+        assert!(matches!(
+            e.connect(),
+            Err(EndpointError::Busy { limit: 2, .. })
+        ));
+        drop(a);
+        let _c = e.connect().expect("a place again");
+        let x = e.start_command("alice").expect("alice's first");
+        assert!(e.start_command("alice").is_err());
+        let _y = e.start_command("bob").expect("bob's own count");
+        drop(x);
+        assert!(e.start_command("alice").is_ok());
+    }
+
+    #[test]
+    fn words_split_without_a_shell() {
+        assert_eq!(split_words("  a  b\tc "), vec!["a", "b", "c"]);
+        assert_eq!(
+            split_words(r#"a "b c" 'd e' f\ g"#),
+            vec!["a", "b c", "d e", "f g"]
+        );
+        assert_eq!(split_words("a;b|c $(d)"), vec!["a;b|c", "$(d)"]);
+        assert_eq!(split_words(r#""""#), vec![""]);
+        assert_eq!(split_words(r#""a\"b""#), vec![r#"a"b"#]);
+        assert!(split_words("").is_empty());
+    }
+}

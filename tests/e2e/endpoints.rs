@@ -1,0 +1,477 @@
+//! Endpoints (issue 6): who may use an endpoint and what runs there, enforced alike over
+//! SSH (OpenSSH `ssh -o SetEnv=REMOTE_ENDPOINT=…`), WinRM (pywinrm, the endpoint in the
+//! shell's environment) and the relay (`remote session new relay://… --endpoint …`); the
+//! built-in `default` endpoint admits admins only; output quotas stop a command and leave
+//! its session alive; `remote-agent endpoint` edits the config file.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use remote_tests::relay::Relay;
+use remote_tests::winrm::*;
+use remote_tests::*;
+
+const T: Duration = Duration::from_secs(60);
+const PW: &str = "Carol-pw-1";
+
+/// Endpoints of the agents here. `default` is the built-in one (admins only).
+const CONFIG: &str = r#"
+[endpoints.restricted]
+users = ["carol"]
+commands = ["uptime", "df"]
+
+[endpoints.small]
+groups = ["ops"]
+max_received_mb_per_command = 1
+
+[endpoints.slow]
+groups = ["ops"]
+max_commands_per_user = 1
+operation_timeout_secs = 4
+"#;
+
+/// An agent with SSH and WinRM (HTTPS), the endpoints above, the built-in `default`, and
+/// accounts `admin` (an admin) and `carol` (in no group).
+fn agent(extra: &[String]) -> (Agent, ClientKey) {
+    let agent = Agent::start_winrm(
+        AgentOptions {
+            config: CONFIG.into(),
+            open_default_endpoint: false,
+        },
+        WinrmOptions {
+            https: true,
+            extra_args: extra.to_vec(),
+            ..Default::default()
+        },
+    );
+    let key = agent.key("carol_key");
+    agent.user(
+        &["add", "admin", "--admin", "--password-stdin"],
+        Some("Admin-pw-1\n"),
+    );
+    agent.add_user("carol", Some(PW), Some(&key));
+    (agent, key)
+}
+
+/// OpenSSH as `user` with `key`, choosing `endpoint` (none: the default).
+fn ssh(agent: &Agent, user: &str, key: &ClientKey, endpoint: Option<&str>) -> Command {
+    let mut cmd = Command::new(require_tool("ssh", "openssh-client"));
+    cmd.args(ssh_options(agent.port()))
+        .args(["-o", "BatchMode=yes", "-i"])
+        .arg(&key.private);
+    if let Some(e) = endpoint {
+        cmd.arg("-o").arg(format!("SetEnv=REMOTE_ENDPOINT={e}"));
+    }
+    cmd.arg(format!("{user}@127.0.0.1"));
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Output {
+    run_with_timeout(cmd, None, T)
+}
+
+/// pywinrm (Basic over HTTPS) as carol: a shell on `endpoint`, then each command.
+fn winrm_cmds(agent: &Agent, endpoint: Option<&str>, commands: Value) -> Value {
+    let mut op = with(
+        &pywinrm(&https_url(agent), "basic", "carol", PW),
+        json!({"op": "shell_cmds", "commands": commands}),
+    );
+    if let Some(e) = endpoint {
+        op = with(&op, json!({"env": {"REMOTE_ENDPOINT": e}}));
+    }
+    py1(op)
+}
+
+/// `remote` as relay user `token`.
+fn relay_remote(client: &Client, relay: &Relay, token: &str) -> Command {
+    let mut cmd = client.remote();
+    cmd.env("REMOTE_RELAY", relay.addr.to_string())
+        .env("REMOTE_TOKEN", token);
+    cmd
+}
+
+fn canary(dir: &Path) -> std::path::PathBuf {
+    dir.join("canary")
+}
+
+#[test]
+fn a_restricted_endpoint_runs_only_its_commands_over_ssh_winrm_and_the_relay() {
+    let mut relay = Relay::start();
+    let token = relay.join_token();
+    let (mut agent, key) = agent(&relay.agent_args("agent1", &token, None));
+    assert!(agent.wait_log("tunnel up", T), "{}", agent.log());
+    let dir = tempfile::tempdir().unwrap();
+    let _ = std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    );
+    let can = canary(dir.path());
+    let touch = format!("touch {}", can.display());
+
+    // SSH.
+    let out = run(ssh(&agent, "carol", &key, Some("restricted")).arg("df -h"));
+    assert!(out.status.success(), "df -h: {}", stderr(&out));
+    assert!(stdout(&out).contains("Filesystem"), "{}", stdout(&out));
+    let out = run(ssh(&agent, "carol", &key, Some("restricted")).arg(format!("df; {touch}")));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("endpoint 'restricted' does not allow 'df;'"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(ssh(&agent, "carol", &key, Some("restricted")).arg(format!("sh -c '{touch}'")));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("endpoint 'restricted' does not allow 'sh'")
+            && stderr(&out).contains("allowed: uptime, df"),
+        "{}",
+        stderr(&out)
+    );
+    // No interactive shell there either (a shell request, no command).
+    let mut shell = ssh(&agent, "carol", &key, Some("restricted"));
+    let out = run_with_timeout(&mut shell, Some(b"echo hi\n"), T);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("endpoint 'restricted' runs only the commands uptime, df"),
+        "{}",
+        stderr(&out)
+    );
+
+    // WinRM.
+    let r = winrm_cmds(
+        &agent,
+        Some("restricted"),
+        json!([
+            ["df", ["-h"]],
+            [format!("df; {touch}"), []],
+            ["sh", ["-c", format!("'{touch}'")]]
+        ]),
+    );
+    let results = ok(&r)["results"].as_array().expect("results").clone();
+    assert_eq!(results[0]["status"], 0, "{r:#}");
+    assert!(
+        results[0]["stdout"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Filesystem"),
+        "{r:#}"
+    );
+    for refused in &results[1..] {
+        let msg = refused["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            msg.contains("endpoint 'restricted' does not allow"),
+            "{r:#}"
+        );
+    }
+
+    // The relay.
+    let client = Client::new();
+    let carol = relay.add_user("carol");
+    let out = run(relay_remote(&client, &relay, &carol).args([
+        "session",
+        "new",
+        "relay://agent1",
+        "--endpoint",
+        "restricted",
+    ]));
+    assert!(out.status.success(), "session new: {}", stderr(&out));
+    let id = stdout(&out).lines().last().unwrap_or_default().to_string();
+    let out = run(relay_remote(&client, &relay, &carol).args(["exec", &id, "--", "df", "-h"]));
+    assert!(out.status.success(), "exec df -h: {}", stderr(&out));
+    assert!(stdout(&out).contains("Filesystem"), "{}", stdout(&out));
+    for line in [format!("df; {touch}"), format!("sh -c '{touch}'")] {
+        let out = run(relay_remote(&client, &relay, &carol).args(["exec", &id, "--", &line]));
+        assert!(!out.status.success(), "{line}: {}", stdout(&out));
+        assert!(
+            stderr(&out).contains("endpoint 'restricted' does not allow"),
+            "{line}: {}",
+            stderr(&out)
+        );
+    }
+
+    // Nothing anywhere ran the shell's second command.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!can.exists(), "a refused command ran");
+    relay.stop();
+}
+
+#[test]
+fn the_default_endpoint_admits_admins_only_over_ssh_winrm_and_the_relay() {
+    let mut relay = Relay::start();
+    let token = relay.join_token();
+    let (mut agent, key) = agent(&relay.agent_args("agent1", &token, None));
+    assert!(agent.wait_log("tunnel up", T), "{}", agent.log());
+    let denied = "access denied: user 'carol' may not use endpoint 'default' (allowed: admins). Ask an admin to add you, or pick --endpoint";
+
+    // SSH: refused on default, admitted where the endpoint lists carol.
+    let out = run(ssh(&agent, "carol", &key, None).arg("echo hi"));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(denied), "{}", stderr(&out));
+    let out = run(ssh(&agent, "carol", &key, Some("restricted")).arg("uptime"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("load average"), "{}", stdout(&out));
+
+    // WinRM: the shell is refused with the same message; on `restricted` it opens.
+    let r = winrm_cmds(&agent, None, json!([["echo", ["hi"]]]));
+    let msg = r["error"]["message"].as_str().unwrap_or("");
+    assert!(msg.contains(denied), "{r:#}");
+    let r = winrm_cmds(&agent, Some("restricted"), json!([["uptime", []]]));
+    assert_eq!(ok(&r)["results"][0]["status"], 0, "{r:#}");
+
+    // The relay.
+    let client = Client::new();
+    let carol = relay.add_user("carol");
+    let out = run(relay_remote(&client, &relay, &carol).args(["session", "new", "relay://agent1"]));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(denied), "{}", stderr(&out));
+    let out =
+        run(relay_remote(&client, &relay, &carol).args(["run", "relay://agent1", "--", "echo hi"]));
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(stderr(&out).contains(denied), "{}", stderr(&out));
+
+    // An admin is admitted on default.
+    let admin = relay.add_user("admin");
+    let out =
+        run(relay_remote(&client, &relay, &admin).args(["run", "relay://agent1", "--", "echo hi"]));
+    assert_eq!(stdout(&out), "hi\n", "{}", stderr(&out));
+    relay.stop();
+}
+
+#[test]
+fn an_output_quota_stops_the_command_names_the_setting_and_the_session_survives() {
+    let (agent, _) = agent(&[]);
+    let key = agent.key("erin_key");
+    agent.user(
+        &[
+            "add",
+            "erin",
+            "--group",
+            "ops",
+            "--authorized-key",
+            &key.public.to_string_lossy(),
+        ],
+        None,
+    );
+    let client = Client::new();
+    let target = format!("erin@127.0.0.1:{}", agent.port());
+    let remote = |args: &[&str]| {
+        let mut cmd = client.remote();
+        cmd.arg("--identity").arg(&key.private).args(args);
+        run(&mut cmd)
+    };
+    let out = remote(&["session", "new", &target, "--endpoint", "small"]);
+    assert!(out.status.success(), "session new: {}", stderr(&out));
+    let id = format!(
+        "{target}/{}",
+        stdout(&out).lines().last().unwrap_or_default()
+    );
+    // 3 MB from one command against a 1 MB quota.
+    let out = remote(&["exec", &id, "--", "head -c 3000000 /dev/zero"]);
+    assert!(!out.status.success());
+    assert!(
+        stdout(&out).len() <= 1_000_000,
+        "{} bytes passed the quota",
+        stdout(&out).len()
+    );
+    assert!(
+        stderr(&out).contains(
+            "output quota exceeded: endpoint 'small' allows 1 MB per command (max_received_mb_per_command)"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    // The session lives on.
+    let out = remote(&["exec", &id, "--", "echo still here"]);
+    assert_eq!(stdout(&out), "still here\n", "{}", stderr(&out));
+}
+
+#[test]
+fn commands_per_user_and_the_operation_timeout_are_enforced() {
+    let (agent, _) = agent(&[]);
+    let key = agent.key("erin_key");
+    agent.user(
+        &[
+            "add",
+            "erin",
+            "--group",
+            "ops",
+            "--authorized-key",
+            &key.public.to_string_lossy(),
+        ],
+        None,
+    );
+    let client = Client::new();
+    let target = format!("erin@127.0.0.1:{}", agent.port());
+    let remote = |args: &[&str]| {
+        let mut cmd = client.remote();
+        cmd.arg("--identity").arg(&key.private).args(args);
+        run(&mut cmd)
+    };
+    let out = remote(&["session", "new", &target, "--endpoint", "slow"]);
+    assert!(out.status.success(), "session new: {}", stderr(&out));
+    let id = format!(
+        "{target}/{}",
+        stdout(&out).lines().last().unwrap_or_default()
+    );
+    let out = remote(&["exec", "-d", &id, "--", "sleep 30"]);
+    assert!(out.status.success(), "exec -d: {}", stderr(&out));
+    // One running command per user on this endpoint.
+    let out = remote(&["exec", &id, "--", "echo second"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out)
+            .contains("endpoint 'slow' allows 1 running commands per user (max_commands_per_user)"),
+        "{}",
+        stderr(&out)
+    );
+    // The sleep is stopped after 4 s, with the reason in its output.
+    std::thread::sleep(Duration::from_secs(6));
+    let out = remote(&["receive", &id]);
+    assert!(
+        stderr(&out).contains(
+            "operation timeout: endpoint 'slow' stops commands after 4 s (operation_timeout_secs)"
+        ) || stdout(&out).contains(
+            "operation timeout: endpoint 'slow' stops commands after 4 s (operation_timeout_secs)"
+        ),
+        "stdout: {}\nstderr: {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let out = remote(&["exec", &id, "--", "echo second"]);
+    assert_eq!(stdout(&out), "second\n", "{}", stderr(&out));
+}
+
+#[test]
+fn endpoint_commands_edit_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "# mine\n[ssh]\n").unwrap();
+    let agent_cmd = |args: &[&str]| {
+        let mut cmd = Command::new(bin("remote-agent"));
+        cmd.arg("endpoint").args(args).arg("--config").arg(&config);
+        run(&mut cmd)
+    };
+    let out = agent_cmd(&["add", "jea", "users=carol", "commands=uptime,df"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("restart the agent"),
+        "{}",
+        stderr(&out)
+    );
+    let out = agent_cmd(&["set", "jea", "max_received_mb_per_command=5"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = agent_cmd(&["list"]);
+    let list = stdout(&out);
+    assert!(
+        list.contains("default") && list.contains("admins"),
+        "{list}"
+    );
+    assert!(
+        list.contains("jea") && list.contains("only: uptime, df"),
+        "{list}"
+    );
+    assert!(list.contains("out 5 MB"), "{list}");
+    let out = agent_cmd(&["set", "jea", "run=shell"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("endpoint 'jea'"), "{}", stderr(&out));
+    let out = agent_cmd(&["add", "jea"]);
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    let out = agent_cmd(&["rm", "jea"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .starts_with("# mine\n[ssh]\n")
+    );
+}
+
+/// The agent's audit log: logins (good and bad), refusals, sessions and commands, one JSON
+/// line each, with account, endpoint and transport.
+#[test]
+fn the_audit_log_records_logins_refusals_sessions_and_commands() {
+    let (agent, key) = agent(&[]);
+    // A wrong password, an exec, a refused command, a refused endpoint.
+    let r = py1(with(
+        &pywinrm(&https_url(&agent), "basic", "carol", "not-the-password"),
+        json!({"op": "run_cmd", "command": "uptime"}),
+    ));
+    assert!(r.get("error").is_some(), "{r:#}");
+    let out = run(ssh(&agent, "carol", &key, Some("restricted")).arg("df -h"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(ssh(&agent, "carol", &key, Some("restricted")).arg("sh -c id"));
+    assert!(!out.status.success());
+    let out = run(ssh(&agent, "carol", &key, None).arg("id"));
+    assert!(!out.status.success());
+    // WinRM: a session (shell) with a command in it.
+    let r = winrm_cmds(&agent, Some("restricted"), json!([["uptime", []]]));
+    assert_eq!(ok(&r)["results"][0]["status"], 0, "{r:#}");
+
+    let path = agent.state_dir.join("audit.jsonl");
+    let wanted = |lines: &[serde_json::Value]| {
+        let has = |f: &dyn Fn(&serde_json::Value) -> bool| lines.iter().any(f);
+        has(&|l| l["event"] == "connection" && l["transport"] == "ssh")
+            && has(&|l| {
+                l["event"] == "auth"
+                    && l["account"] == "carol"
+                    && l["success"] == false
+                    && l["method"] == "basic"
+                    && l["transport"] == "winrms"
+            })
+            && has(&|l| l["event"] == "auth" && l["account"] == "carol" && l["success"] == true)
+            && has(&|l| {
+                l["event"] == "command"
+                    && l["command"].as_str().unwrap_or("").ends_with("/df -h")
+                    && l["exit_code"] == 0
+            })
+            && has(&|l| {
+                l["event"] == "refused"
+                    && l["endpoint"] == "restricted"
+                    && l["reason"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("does not allow 'sh'")
+            })
+            && has(&|l| {
+                l["event"] == "refused"
+                    && l["endpoint"] == "default"
+                    && l["reason"]
+                        .as_str()
+                        .unwrap_or("")
+                        .starts_with("access denied")
+            })
+            && has(&|l| l["event"] == "auth" && l["transport"] == "winrms" && l["success"] == true)
+            && has(&|l| {
+                l["event"] == "session" && l["action"] == "open" && l["transport"] == "winrm"
+            })
+            && has(&|l| {
+                l["event"] == "command"
+                    && l["command"].as_str().unwrap_or("").ends_with("uptime")
+                    && l["transport"] == "winrm"
+                    && l["bytes_out"].as_u64().unwrap_or(0) > 0
+            })
+            && has(&|l| l["event"] == "session" && l["action"] == "close")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every audit line is JSON"))
+            .collect();
+        if wanted(&lines) || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    assert!(wanted(&lines), "audit lines:\n{}", text.join("\n"));
+    // Never a secret.
+    let all = std::fs::read_to_string(&path).unwrap();
+    assert!(!all.contains(PW) && !all.contains("not-the-password"));
+    let mode = std::fs::metadata(&path).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+}
