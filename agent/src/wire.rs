@@ -386,6 +386,10 @@ impl Conn {
             journal_bytes: (req.journal_bytes > 0).then_some(req.journal_bytes as usize),
             idle_timeout: (req.idle_timeout_secs > 0)
                 .then(|| std::time::Duration::from_secs(req.idle_timeout_secs)),
+            operation_timeout: (req.operation_timeout_secs > 0)
+                .then(|| std::time::Duration::from_secs(req.operation_timeout_secs)),
+            max_received_mb: (req.max_received_mb_per_command > 0)
+                .then_some(req.max_received_mb_per_command),
             terminal: PtySettings {
                 term: if req.term.is_empty() || req.term.len() > 64 {
                     "xterm".into()

@@ -56,6 +56,72 @@ pub fn relay_known_hosts_file() -> PathBuf {
     config_dir().join("relay_known_hosts")
 }
 
+/// The client's settings file.
+pub fn config_file() -> PathBuf {
+    config_dir().join("config.toml")
+}
+
+/// `config.toml` as written by people; every field optional.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub session: SessionOptions,
+}
+
+/// Session options (PowerShell's New-PSSessionOption): what this client asks of the
+/// sessions it opens. The agent applies the shorter of these and its endpoint's limits.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionOptions {
+    /// How long connecting and opening a session may take, in seconds.
+    pub open_timeout_secs: Option<u64>,
+    /// Close the session after this long without a client.
+    pub idle_timeout_secs: Option<u64>,
+    /// Stop a command that runs longer than this.
+    pub operation_timeout_secs: Option<u64>,
+    /// Stop a command that prints more than this many MB.
+    pub max_received_mb_per_command: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{path} is not valid: {message}; fix it or move it aside")]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+/// The client's config.toml (defaults when there is none).
+pub fn load_config() -> Result<ConfigFile, ConfigError> {
+    let path = config_file();
+    match std::fs::read_to_string(&path) {
+        Ok(text) => parse_config(&text).map_err(|message| ConfigError { path, message }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ConfigFile::default()),
+        Err(e) => Err(ConfigError {
+            path,
+            message: e.to_string(),
+        }),
+    }
+}
+
+fn parse_config(text: &str) -> Result<ConfigFile, String> {
+    toml::from_str(text).map_err(|e| e.to_string())
+}
+
+impl SessionOptions {
+    /// These options with every flag that was given taking precedence.
+    pub fn overridden_by(self, flags: SessionOptions) -> SessionOptions {
+        SessionOptions {
+            open_timeout_secs: flags.open_timeout_secs.or(self.open_timeout_secs),
+            idle_timeout_secs: flags.idle_timeout_secs.or(self.idle_timeout_secs),
+            operation_timeout_secs: flags.operation_timeout_secs.or(self.operation_timeout_secs),
+            max_received_mb_per_command: flags
+                .max_received_mb_per_command
+                .or(self.max_received_mb_per_command),
+        }
+    }
+}
+
 /// Hosts to which Basic authentication may go over plain HTTP (WinRM's `TrustedHosts`).
 pub fn trusted_hosts_file() -> PathBuf {
     config_dir().join("trusted_hosts")
@@ -120,6 +186,22 @@ fn glob(pattern: &str, text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_options_come_from_the_file_and_flags_win() {
+        let file =
+            parse_config("[session]\nidle_timeout_secs = 600\nmax_received_mb_per_command = 5\n")
+                .expect("parse");
+        let flags = SessionOptions {
+            idle_timeout_secs: Some(60),
+            ..Default::default()
+        };
+        let o = file.session.overridden_by(flags);
+        assert_eq!(o.idle_timeout_secs, Some(60));
+        assert_eq!(o.max_received_mb_per_command, Some(5));
+        assert_eq!(o.operation_timeout_secs, None);
+        assert!(parse_config("[session]\nidle = 1\n").is_err());
+    }
 
     #[test]
     fn trusted_hosts_entries() {

@@ -184,6 +184,17 @@ struct SessionNewArgs {
     /// Close the session after this long without a client (default: the agent's, 2 h).
     #[arg(long, value_name = "SECS")]
     idle_timeout: Option<u64>,
+    /// Stop a command of the session that runs longer than this (the agent's endpoint may
+    /// allow less; the shorter wins). Default: config.toml [session] operation_timeout_secs.
+    #[arg(long, value_name = "SECS")]
+    operation_timeout: Option<u64>,
+    /// Stop a command that prints more than this many MB (the shorter of this and the
+    /// endpoint's max_received_mb_per_command wins).
+    #[arg(long, value_name = "MB")]
+    max_received_mb: Option<u64>,
+    /// Give up when connecting and opening the session take longer than this.
+    #[arg(long, value_name = "SECS")]
+    open_timeout: Option<u64>,
 }
 
 #[derive(Args)]
@@ -440,6 +451,14 @@ async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32
                 Some("spill") => Buffering::Spill,
                 Some(other) => anyhow::bail!("--buffering {other}: use block, drop or spill"),
             };
+            let options = remote_client::config::load_config()?.session.overridden_by(
+                remote_client::config::SessionOptions {
+                    open_timeout_secs: args.open_timeout,
+                    idle_timeout_secs: args.idle_timeout,
+                    operation_timeout_secs: args.operation_timeout,
+                    max_received_mb_per_command: args.max_received_mb,
+                },
+            );
             let (cols, rows) = terminal::window_size().unwrap_or((80, 24));
             let open = OpenSession {
                 shape: if args.terminal {
@@ -451,13 +470,15 @@ async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32
                 endpoint: args.endpoint.clone().unwrap_or_default(),
                 buffering: buffering as i32,
                 journal_bytes: args.journal_mb.map(|m| m << 20).unwrap_or(0),
-                idle_timeout_secs: args.idle_timeout.unwrap_or(0),
+                idle_timeout_secs: options.idle_timeout_secs.unwrap_or(0),
                 size: Some(TerminalSize { rows, cols }),
                 term: std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
                 attach: false,
+                operation_timeout_secs: options.operation_timeout_secs.unwrap_or(0),
+                max_received_mb_per_command: options.max_received_mb_per_command.unwrap_or(0),
             };
             let spec = target.spec.clone();
-            with_session(global, &target, "session new", None, async |ch| {
+            let opening = with_session(global, &target, "session new", None, async |ch| {
                 let reply = ch.request(client_frame::Msg::Open(open)).await?;
                 let Some(server_frame::Msg::Opened(o)) = reply.msg else {
                     return Err(session::SessionError::Protocol {
@@ -478,8 +499,19 @@ async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32
                 ));
                 println!("{}", info.id);
                 Ok(0)
-            })
-            .await
+            });
+            match options.open_timeout_secs {
+                Some(secs) => tokio::time::timeout(std::time::Duration::from_secs(secs), opening)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!(
+                            "opening a session on {} took longer than {secs} s (open_timeout_secs): is the agent overloaded or the network slow? Raise it with --open-timeout or in {}",
+                            target.spec,
+                            remote_client::config::config_file().display()
+                        ))
+                    }),
+                None => opening.await,
+            }
         }
         SessionCommand::List { target } => {
             if let Some(t) = &target {

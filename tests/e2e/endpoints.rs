@@ -25,6 +25,9 @@ commands = ["uptime", "df"]
 groups = ["ops"]
 max_received_mb_per_command = 1
 
+[endpoints.ops]
+groups = ["ops"]
+
 [endpoints.slow]
 groups = ["ops"]
 max_commands_per_user = 1
@@ -340,6 +343,73 @@ fn commands_per_user_and_the_operation_timeout_are_enforced() {
     );
     let out = remote(&["exec", &id, "--", "echo second"]);
     assert_eq!(stdout(&out), "second\n", "{}", stderr(&out));
+}
+
+#[test]
+fn the_clients_session_options_apply_where_shorter_than_the_endpoints() {
+    let (agent, _) = agent(&[]);
+    let key = agent.key("erin_key");
+    agent.user(
+        &[
+            "add",
+            "erin",
+            "--group",
+            "ops",
+            "--authorized-key",
+            &key.public.to_string_lossy(),
+        ],
+        None,
+    );
+    let client = Client::new();
+    let config = client.config_home().join("remote/config.toml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(
+        &config,
+        "[session]\nmax_received_mb_per_command = 1\noperation_timeout_secs = 2\n",
+    )
+    .unwrap();
+    let target = format!("erin@127.0.0.1:{}", agent.port());
+    let remote = |args: &[&str]| {
+        let mut cmd = client.remote();
+        cmd.arg("--identity").arg(&key.private).args(args);
+        run(&mut cmd)
+    };
+    let new = |extra: &[&str]| {
+        let mut args = vec!["session", "new", &target, "--endpoint", "ops"];
+        args.extend(extra);
+        let out = remote(&args);
+        assert!(out.status.success(), "session new: {}", stderr(&out));
+        format!(
+            "{target}/{}",
+            stdout(&out).lines().last().unwrap_or_default()
+        )
+    };
+    let id = new(&[]);
+    let out = remote(&["exec", &id, "--", "head -c 3000000 /dev/zero"]);
+    assert!(
+        stderr(&out).contains("output quota exceeded: this session allows 1 MB per command (max_received_mb_per_command, the client's session option; endpoint 'ops' allows 50)"),
+        "{}",
+        stderr(&out)
+    );
+    let out = remote(&["exec", &id, "--", "sleep 20"]);
+    assert!(
+        stderr(&out).contains("operation timeout: this session stops commands after 2 s"),
+        "{}",
+        stderr(&out)
+    );
+    // A flag overrides the file; the endpoint's 50 MB still bounds it.
+    let id = new(&["--max-received-mb", "40", "--operation-timeout", "30"]);
+    let out = remote(&["exec", &id, "--", "head -c 3000000 /dev/zero | wc -c"]);
+    assert_eq!(stdout(&out).trim(), "3000000", "{}", stderr(&out));
+    // A bad config file is an error that names it.
+    std::fs::write(&config, "[session]\nidle = 1\n").unwrap();
+    let out = remote(&["session", "new", &target, "--endpoint", "ops"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("config.toml is not valid"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -176,11 +176,69 @@ pub struct Commands {
     sids: Arc<Mutex<Vec<Sid>>>,
     max_running: usize,
     start: StartState,
-    /// What may run here, and the per-command quotas.
+    /// What may run here.
     endpoint: Arc<Endpoint>,
+    /// The per-command quotas and timeout.
+    limits: CommandLimits,
     /// Who runs the commands (counted against `max_commands_per_user`), where, for the
     /// audit log.
     audited: Audited,
+}
+
+/// Per-command limits of a session: the endpoint's, or the client's session options where
+/// they are shorter; with what to say when one strikes.
+#[derive(Debug, Clone)]
+pub struct CommandLimits {
+    pub max_received_bytes: u64,
+    pub output_exceeded: String,
+    pub operation: Option<Duration>,
+    pub timeout_exceeded: String,
+}
+
+impl CommandLimits {
+    pub fn new(
+        endpoint: &Endpoint,
+        client_mb: Option<u64>,
+        client_operation: Option<Duration>,
+    ) -> CommandLimits {
+        let theirs = endpoint.limits.max_received_mb_per_command;
+        let (mb, output_exceeded) = match client_mb {
+            Some(mine) if mine < theirs => (
+                mine,
+                format!(
+                    "output quota exceeded: this session allows {mine} MB per command (max_received_mb_per_command, the client's session option; endpoint '{}' allows {theirs})",
+                    endpoint.name
+                ),
+            ),
+            _ => (theirs, endpoint.output_quota().to_string()),
+        };
+        let endpoint_timeout = |d: Duration| {
+            EndpointError::OperationTimeout {
+                endpoint: endpoint.name.clone(),
+                secs: d.as_secs(),
+            }
+            .to_string()
+        };
+        let (operation, timeout_exceeded) = match (endpoint.timeouts.operation, client_operation) {
+            (Some(e), Some(c)) if c < e => (Some(c), client_timeout(c)),
+            (Some(e), _) => (Some(e), endpoint_timeout(e)),
+            (None, Some(c)) => (Some(c), client_timeout(c)),
+            (None, None) => (None, String::new()),
+        };
+        CommandLimits {
+            max_received_bytes: mb.saturating_mul(1_000_000),
+            output_exceeded,
+            operation,
+            timeout_exceeded,
+        }
+    }
+}
+
+fn client_timeout(d: Duration) -> String {
+    format!(
+        "operation timeout: this session stops commands after {} s (operation_timeout_secs, the client's session option)",
+        d.as_secs()
+    )
 }
 
 /// What a session's commands are recorded under in the audit log.
@@ -199,6 +257,7 @@ impl Commands {
         max_running: usize,
         start: &StartState,
         endpoint: Arc<Endpoint>,
+        limits: CommandLimits,
         audited: Audited,
     ) -> Result<Commands, SessionError> {
         let err = |source| SessionError::StateDir {
@@ -232,6 +291,7 @@ impl Commands {
             max_running,
             start: start.clone(),
             endpoint,
+            limits,
             audited,
         })
     }
@@ -401,6 +461,7 @@ impl Commands {
             self.sids.clone(),
             Stop {
                 endpoint: self.endpoint.clone(),
+                limits: self.limits.clone(),
                 reason: stopped,
                 _counted: counted,
                 audited: self.audited.clone(),
@@ -495,6 +556,7 @@ fn output(stream: Stream, data: bytes::Bytes) -> record::Kind {
 /// A [`RunningCommand`]'s endpoint limits and stop reason, as its pump sees them.
 struct Stop {
     endpoint: Arc<Endpoint>,
+    limits: CommandLimits,
     reason: Arc<Mutex<Option<String>>>,
     /// Counts the command against `max_commands_per_user` until it is over.
     _counted: crate::endpoints::CommandSlot,
@@ -505,7 +567,7 @@ struct Stop {
 }
 
 /// Stop a command's process group for `why` (the first reason wins).
-fn stop(reason: &Mutex<Option<String>>, pid: u32, why: EndpointError) {
+fn stop(reason: &Mutex<Option<String>>, pid: u32, why: impl ToString) {
     let mut r = reason.lock().unwrap_or_else(|p| p.into_inner());
     if r.is_none() {
         *r = Some(why.to_string());
@@ -527,8 +589,8 @@ async fn pump(
     let mut closed = false;
     let group = child.id();
     // Output beyond the endpoint's quota is not journaled; the command is stopped.
-    let mut budget = limits.endpoint.limits.max_received_bytes();
-    let deadline = limits.endpoint.timeouts.operation;
+    let mut budget = limits.limits.max_received_bytes;
+    let deadline = limits.limits.operation;
     let timeout = async {
         match deadline {
             Some(d) => tokio::time::sleep(d).await,
@@ -550,11 +612,8 @@ async fn pump(
             st = child.wait(), if status.is_none() => { status = Some(st.ok()); continue }
             () = &mut timeout, if !timed_out => {
                 timed_out = true;
-                if let Some(d) = deadline {
-                    stop(&limits.reason, group, EndpointError::OperationTimeout {
-                        endpoint: limits.endpoint.name.clone(),
-                        secs: d.as_secs(),
-                    });
+                if deadline.is_some() {
+                    stop(&limits.reason, group, &limits.limits.timeout_exceeded);
                 }
                 continue;
             }
@@ -562,7 +621,7 @@ async fn pump(
         let mut data = chunk;
         if data.len() as u64 > budget {
             data.truncate(budget as usize);
-            stop(&limits.reason, group, limits.endpoint.output_quota());
+            stop(&limits.reason, group, &limits.limits.output_exceeded);
         }
         budget -= data.len() as u64;
         if !data.is_empty() {
@@ -607,7 +666,7 @@ async fn pump(
         command: limits.command.clone(),
         exit_code: exit.signal.is_empty().then_some(exit.code),
         signal: (!exit.signal.is_empty()).then(|| exit.signal.clone()),
-        bytes_out: limits.endpoint.limits.max_received_bytes() - budget,
+        bytes_out: limits.limits.max_received_bytes - budget,
         duration_ms: limits.started.elapsed().as_millis() as u64,
         reason: why_stopped,
     });

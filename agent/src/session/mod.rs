@@ -129,6 +129,9 @@ pub struct OpenRequest {
     pub buffering: Option<Mode>,
     pub journal_bytes: Option<usize>,
     pub idle_timeout: Option<Duration>,
+    /// The client's session options; the shorter of these and the endpoint's apply.
+    pub operation_timeout: Option<Duration>,
+    pub max_received_mb: Option<u64>,
     pub terminal: PtySettings,
     /// Commands shape: what the first command starts with.
     pub start: commands::StartState,
@@ -548,6 +551,11 @@ impl SessionHost {
                     max_running,
                     &start,
                     endpoint.clone(),
+                    commands::CommandLimits::new(
+                        &endpoint,
+                        req.max_received_mb,
+                        req.operation_timeout,
+                    ),
                     commands::Audited {
                         audit: self.audit.clone(),
                         session: id.clone(),

@@ -349,6 +349,8 @@ impl Shells {
                     buffering: None,
                     journal_bytes: Some(self.settings.journal_bytes),
                     idle_timeout: Some(idle),
+                    operation_timeout: None,
+                    max_received_mb: None,
                     terminal: PtySettings {
                         term: "dumb".into(),
                         rows: 24,

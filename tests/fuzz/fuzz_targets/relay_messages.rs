@@ -23,8 +23,11 @@ fn framed(data: &[u8]) {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     let mut first = true;
     loop {
-        let next = std::pin::pin!(reader.next(&mut input));
-        let std::task::Poll::Ready(Ok(Some(bytes))) = next.poll(&mut cx) else {
+        let polled = {
+            let next = std::pin::pin!(reader.next(&mut input));
+            next.poll(&mut cx)
+        };
+        let std::task::Poll::Ready(Ok(Some(bytes))) = polled else {
             return;
         };
         if first {
