@@ -211,16 +211,6 @@ pub async fn test(opts: TestOptions) -> i32 {
             return 255;
         }
     };
-    if target.is_winrm() && opts.endpoint.as_deref().is_some_and(|e| e != "default") {
-        let e = WinrmError::Unsupported {
-            what: "--endpoint",
-            target: target.spec.clone(),
-            hint: "this client opens WinRM shells on the agent's default endpoint only; \
-                   test another endpoint over ssh:// or relay://",
-        };
-        crate::notice(&e.to_string());
-        return 255;
-    }
     let report = Report { json: opts.json };
     let t = Tester {
         opts,
@@ -921,10 +911,11 @@ impl Tester {
         if self.opts.auth == AuthMethod::Ntlm {
             self.report.ok(Step::Auth, "auth", &logged_in);
         }
-        // Step 5: a shell on the default endpoint.
+        // Step 5: a shell on the endpoint.
         let options = winrm::soap::ShellOptions {
             idle_timeout: Some(Duration::from_secs(300)),
             name: Some("remote-test".into()),
+            endpoint: self.opts.endpoint.clone(),
         };
         let created = tokio::time::timeout(SESSION_TIMEOUT, conn.create_shell(&options)).await;
         let shell = match created {

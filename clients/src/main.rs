@@ -776,18 +776,12 @@ async fn winrm_session_new(
         )
         .into());
     }
-    if args.endpoint.is_some() {
-        return Err(unavailable(
-            "--endpoint",
-            "WinRM sessions are cmd shells; leave it out, or use an ssh:// target",
-        )
-        .into());
-    }
     let clients = make_clients(global).await?;
     let mut conn = clients.winrm.connect(target).await?;
     let options = winrm::soap::ShellOptions {
         idle_timeout: args.idle_timeout.map(Duration::from_secs),
         name: args.name.clone(),
+        endpoint: args.endpoint.clone(),
     };
     let id = conn.create_shell(&options).await?;
     session::record(&id, &target.spec)?;

@@ -221,9 +221,27 @@ fn the_default_endpoint_admits_admins_only_over_ssh_winrm_and_the_relay() {
     assert!(msg.contains(denied), "{r:#}");
     let r = winrm_cmds(&agent, Some("restricted"), json!([["uptime", []]]));
     assert_eq!(ok(&r)["results"][0]["status"], 0, "{r:#}");
+    // The same with this project's client (`--endpoint` becomes the shell's REMOTE_ENDPOINT).
+    let client = Client::new();
+    let winrms = format!(
+        "winrms://carol@{}",
+        agent.winrm_https.expect("https listener")
+    );
+    let remote_winrm = |args: &[&str]| {
+        let mut cmd = client.remote();
+        cmd.env("REMOTE_PASSWORD", PW).args(args);
+        run(&mut cmd)
+    };
+    let out = remote_winrm(&["session", "new", &winrms]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(denied), "{}", stderr(&out));
+    let out = remote_winrm(&["session", "new", &winrms, "--endpoint", "restricted"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shell = stdout(&out).lines().last().unwrap_or_default().to_string();
+    let out = remote_winrm(&["exec", &shell, "--", "uptime"]);
+    assert!(stdout(&out).contains("load average"), "{}", stderr(&out));
 
     // The relay.
-    let client = Client::new();
     let carol = relay.add_user("carol");
     let out = run(relay_remote(&client, &relay, &carol).args(["session", "new", "relay://agent1"]));
     assert!(!out.status.success());

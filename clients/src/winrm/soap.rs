@@ -52,6 +52,9 @@ pub struct ShellOptions {
     pub idle_timeout: Option<Duration>,
     /// A name for the shell (informational; Windows shows it in its shell list).
     pub name: Option<String>,
+    /// The remote-agent endpoint to open the shell on, sent as the shell variable
+    /// `REMOTE_ENDPOINT` (a Windows host just sets the variable).
+    pub endpoint: Option<String>,
 }
 
 /// Escape text for XML content or a double-quoted attribute.
@@ -174,6 +177,12 @@ pub fn create_shell(to: &str, options: &ShellOptions, timeout: Duration) -> Requ
         body.push_str(&format!(
             "<rsp:IdleTimeOut>{}</rsp:IdleTimeOut>",
             duration(idle)
+        ));
+    }
+    if let Some(endpoint) = &options.endpoint {
+        body.push_str(&format!(
+            "<rsp:Environment><rsp:Variable Name=\"REMOTE_ENDPOINT\">{}</rsp:Variable></rsp:Environment>",
+            escape(endpoint)
         ));
     }
     if let Some(name) = &options.name {
@@ -1002,8 +1011,16 @@ mod tests {
             &ShellOptions {
                 idle_timeout: Some(Duration::from_secs(600)),
                 name: Some("n&m".into()),
+                endpoint: Some("jea".into()),
             },
             t,
+        );
+        assert!(
+            c.xml.contains(
+                "<rsp:Environment><rsp:Variable Name=\"REMOTE_ENDPOINT\">jea</rsp:Variable></rsp:Environment>"
+            ),
+            "{}",
+            c.xml
         );
         assert!(
             c.xml
