@@ -21,8 +21,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use remote_proto::relay::agent_tunnel_client::AgentTunnelClient;
 use remote_proto::relay::{
-    AgentHello, AgentMessage, ChannelClosed, ChannelData, EnrolRequest, Keepalive, RelayMessage,
-    SessionUpdate, SpillBatch, TunnelOpen, agent_message, relay_message,
+    AgentHello, AgentMessage, AuditBatch, AuditLine as ProtoAuditLine, ChannelClosed, ChannelData,
+    EnrolRequest, Keepalive, RelayMessage, SessionUpdate, SpillBatch, TunnelOpen, agent_message,
+    relay_message,
 };
 use remote_proto::session::SessionInfo;
 use remote_proto::tls::PinnedCert;
@@ -151,10 +152,10 @@ impl RelayLink {
         };
         let first =
             tokio::time::timeout(CONNECT_TIMEOUT, inbound.reader.message(&mut inbound.rd)).await;
-        let persisted = match first {
+        let (persisted, audit_seq) = match first {
             Ok(Ok(Some(RelayMessage {
                 msg: Some(relay_message::Msg::Hello(h)),
-            }))) => h.persisted,
+            }))) => (h.persisted, h.audit_seq),
             Ok(Ok(Some(RelayMessage {
                 msg: Some(relay_message::Msg::Refused(r)),
             }))) => return Err(self.err(format!("tunnel refused: {}", r.message))),
@@ -165,6 +166,13 @@ impl RelayLink {
         let (tx, rx) = mpsc::channel::<AgentMessage>(256);
         let stop = CancellationToken::new();
         let writer = tokio::spawn(write_tunnel(wr, rx, stop.clone()));
+        // The audit log goes to the relay from where its store ends.
+        tokio::spawn(forward_audit(
+            self.host.audit().clone(),
+            audit_seq,
+            tx.clone(),
+            stop.clone(),
+        ));
         let mut tunnel = Tunnel {
             link: self,
             tx,
@@ -207,6 +215,7 @@ impl RelayLink {
             software: format!("remote-agent {}", env!("CARGO_PKG_VERSION")),
             sessions,
             spill_from,
+            audit_log: self.host.audit().log_id().unwrap_or_default().to_string(),
         }
     }
 
@@ -605,6 +614,74 @@ fn read_pin(file: &Path, key: &str) -> Option<String> {
         .filter_map(|l| l.split_once(' '))
         .find(|(k, _)| k.eq_ignore_ascii_case(key))
         .map(|(_, fp)| fp.trim().to_string())
+}
+
+/// Lines of the audit log to send at once.
+const AUDIT_BATCH_LINES: usize = 256;
+
+/// Send the audit log's lines after `from` to the relay, then each new one as it is
+/// written, until the tunnel stops. The relay stores each line once; after a reconnect its
+/// hello says where to resume, so lines written while the tunnel was down arrive too (as
+/// long as they are still in the kept files).
+async fn forward_audit(
+    audit: crate::audit::Audit,
+    from: u64,
+    tx: mpsc::Sender<AgentMessage>,
+    stop: CancellationToken,
+) {
+    let (Some(mut reader), Some(mut written), Some(log_id)) = (
+        audit.reader(from),
+        audit.written(),
+        audit.log_id().map(str::to_string),
+    ) else {
+        return;
+    };
+    loop {
+        let read = tokio::task::spawn_blocking(move || {
+            let batch = reader.next_batch(AUDIT_BATCH_LINES);
+            (reader, batch)
+        });
+        let batch = match read.await {
+            Ok((r, batch)) => {
+                reader = r;
+                batch
+            }
+            Err(_) => return,
+        };
+        let lines = match batch {
+            Ok(lines) => lines,
+            Err(e) => {
+                tracing::warn!("audit log not readable for the relay: {e}; retrying in 5 s");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                    () = stop.cancelled() => return,
+                }
+            }
+        };
+        if lines.is_empty() {
+            tokio::select! {
+                r = written.changed() => if r.is_err() { return },
+                () = stop.cancelled() => return,
+            }
+            continue;
+        }
+        let msg = AgentMessage {
+            msg: Some(agent_message::Msg::Audit(AuditBatch {
+                log_id: log_id.clone(),
+                lines: lines
+                    .into_iter()
+                    .map(|l| ProtoAuditLine {
+                        seq: l.seq,
+                        line: l.line.to_string(),
+                    })
+                    .collect(),
+            })),
+        };
+        tokio::select! {
+            r = tx.send(msg) => if r.is_err() { return },
+            () = stop.cancelled() => return,
+        }
+    }
 }
 
 /// The TLS connection to the relay.

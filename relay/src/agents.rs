@@ -34,6 +34,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 const SPILL_QUEUE: usize = 16;
 /// How often an agent's last-seen time is written while its tunnel is up.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
+/// Longest audit line stored (the agent's writer cuts its fields well below this).
+const MAX_AUDIT_LINE: usize = 16 * 1024;
 /// Sessions one agent may report.
 const MAX_SESSIONS_PER_AGENT: usize = 10_000;
 
@@ -248,9 +250,14 @@ async fn serve_tunnel(
             }
         }
     }
+    let audit_seq = match hello.audit_log.as_str() {
+        "" => 0,
+        log => store.audit_seq(&agent, log).await.unwrap_or(0),
+    };
     let relay_hello = relay_message::Msg::Hello(RelayHello {
         protocol_version: remote_proto::PROTOCOL_VERSION,
         persisted,
+        audit_seq,
     });
     if !tunnel.send(relay_hello).await {
         return "the tunnel closed during its greeting".into();
@@ -319,6 +326,20 @@ async fn serve_tunnel(
                 if touched.elapsed() >= TOUCH_EVERY {
                     touched = Instant::now();
                     let _ = store.touch_agent(&agent).await;
+                }
+            }
+            agent_message::Msg::Audit(batch) => {
+                // Bounded: a line of the agent's own writer is short; refuse nonsense.
+                let lines: Vec<(u64, String)> = batch
+                    .lines
+                    .into_iter()
+                    .filter(|l| l.line.len() <= MAX_AUDIT_LINE)
+                    .map(|l| (l.seq, l.line))
+                    .collect();
+                let log: String = batch.log_id.chars().take(64).collect();
+                if let Err(e) = store.append_audit(&agent, &log, &lines).await {
+                    // Not stored: the agent resends from the relay's position on reconnect.
+                    break format!("audit lines not stored: {e}");
                 }
             }
             agent_message::Msg::Hello(_) => {}

@@ -33,6 +33,18 @@ enum Command {
     /// Agents that enrolled.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Print the audit lines agents sent (their audit.jsonl, kept here out of the hosts'
+    /// reach), oldest first: `AGENT<TAB>JSON`.
+    Audit {
+        /// Only this agent's.
+        #[arg(long)]
+        agent: Option<String>,
+        /// At most this many lines.
+        #[arg(long, default_value_t = 10_000)]
+        limit: i64,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -304,6 +316,17 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Agent(AgentCommand::Rm { name, store }) => {
             open(&store).await?.remove_agent(&name).await?;
             eprintln!("removed agent '{name}'");
+            Ok(())
+        }
+        Command::Audit {
+            agent,
+            limit,
+            store,
+        } => {
+            let store = open(&store).await?;
+            for (agent, line) in store.audit_lines(agent.as_deref(), limit.max(1)).await? {
+                println!("{agent}\t{line}");
+            }
             Ok(())
         }
     }

@@ -307,6 +307,14 @@ const SCHEMA: &[&str] = &[
         command TEXT,
         PRIMARY KEY (session, seq)
     )",
+    // Agents' audit logs (agent/src/audit.rs): each line once, by (agent, log, seq).
+    "CREATE TABLE IF NOT EXISTS audit (
+        agent TEXT NOT NULL,
+        log_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        line TEXT NOT NULL,
+        PRIMARY KEY (agent, log_id, seq)
+    )",
 ];
 
 /// The relay's store. Share one per process (in an `Arc`): it owns the connection pool and the
@@ -1040,6 +1048,74 @@ impl Store {
     /// The highest seq clients acknowledged for `session` (0: none).
     pub async fn client_ack(&self, session: &str) -> Result<u64> {
         Ok(self.journal_state(session).await?.client_ack)
+    }
+
+    // ---- audit ----------------------------------------------------------------------------
+
+    /// Store lines of `agent`'s audit log `log_id`, each once (a resend is ignored).
+    pub async fn append_audit(
+        &self,
+        agent: &str,
+        log_id: &str,
+        lines: &[(u64, String)],
+    ) -> Result<()> {
+        let what = "storing audit lines";
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.write_tx().await.map_err(db(what))?;
+        for (seq, line) in lines {
+            sqlx::query(
+                "INSERT INTO audit (agent, log_id, seq, line) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (agent, log_id, seq) DO NOTHING",
+            )
+            .bind(agent)
+            .bind(log_id)
+            .bind(to_i64(*seq, "audit seq")?)
+            .bind(line.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db(what))?;
+        }
+        tx.commit().await.map_err(db(what))?;
+        Ok(())
+    }
+
+    /// The last line stored of `agent`'s audit log `log_id` (0: none).
+    pub async fn audit_seq(&self, agent: &str, log_id: &str) -> Result<u64> {
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(seq) FROM audit WHERE agent = $1 AND log_id = $2")
+                .bind(agent)
+                .bind(log_id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db("reading the audit log's position"))?;
+        Ok(seq.and_then(|s| u64::try_from(s).ok()).unwrap_or(0))
+    }
+
+    /// Stored audit lines, oldest first: of one agent or all, at most `limit`.
+    pub async fn audit_lines(
+        &self,
+        agent: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT agent, line FROM audit WHERE ($1 = '' OR agent = $1)
+             ORDER BY agent, log_id, seq LIMIT $2",
+        )
+        .bind(agent.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading audit lines"))?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    get(r, 0, "reading audit lines")?,
+                    get(r, 1, "reading audit lines")?,
+                ))
+            })
+            .collect()
     }
 }
 

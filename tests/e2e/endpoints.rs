@@ -256,6 +256,39 @@ fn the_default_endpoint_admits_admins_only_over_ssh_winrm_and_the_relay() {
     let out =
         run(relay_remote(&client, &relay, &admin).args(["run", "relay://agent1", "--", "echo hi"]));
     assert_eq!(stdout(&out), "hi\n", "{}", stderr(&out));
+
+    // The agent's audit lines reach the relay's store, where a user on the host cannot
+    // erase them: emptying audit.jsonl on the host takes nothing away there.
+    let relay_audit = || {
+        let out = run(Command::new(bin("remote-relay"))
+            .args(["audit", "--agent", "agent1", "--data-dir"])
+            .arg(&relay.data_dir));
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let arrived = |text: &str| {
+        text.lines().any(|l| {
+            l.starts_with("agent1\t")
+                && l.contains("\"event\":\"refused\"")
+                && l.contains("\"transport\":\"relay\"")
+                && l.contains("access denied")
+        }) && text.lines().any(|l| {
+            l.contains("\"event\":\"command\"")
+                && l.contains("\"account\":\"admin\"")
+                && l.contains("\"transport\":\"relay\"")
+        }) && text
+            .lines()
+            .any(|l| l.contains("\"event\":\"auth\"") && l.contains("\"transport\":\"winrms\""))
+    };
+    let deadline = std::time::Instant::now() + T;
+    let mut text = relay_audit();
+    while !arrived(&text) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        text = relay_audit();
+    }
+    assert!(arrived(&text), "the relay's audit lines:\n{text}");
+    std::fs::write(agent.state_dir.join("audit.jsonl"), "").unwrap();
+    assert!(arrived(&relay_audit()));
     relay.stop();
 }
 

@@ -397,6 +397,7 @@ fn hello(sessions: Vec<SessionInfo>, spill_from: HashMap<String, u64>) -> AgentH
         software: SOFTWARE.into(),
         sessions,
         spill_from,
+        audit_log: String::new(),
     }
 }
 
