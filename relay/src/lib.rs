@@ -9,6 +9,7 @@ pub mod agents;
 pub mod api;
 pub mod converse;
 pub mod mirror;
+pub mod segments;
 pub mod server;
 pub mod store;
 pub mod tls;
