@@ -19,7 +19,9 @@ pub const ACCOUNTS_FILE: &str = "accounts.toml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccountError {
-    #[error("cannot read account file {path}: {source}")]
+    #[error(
+        "cannot read account file {path}: {source}. Check that it exists and is readable by the agent's user (0600, owned by it); `remote-agent user list` reads the same file"
+    )]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -45,7 +47,9 @@ pub enum AccountError {
     InvalidName(String),
     #[error("invalid public key in {origin}: {message}")]
     InvalidKey { origin: String, message: String },
-    #[error("cannot hash password: {0}")]
+    #[error(
+        "cannot hash password: {0}. Try again; if it persists, report it with the agent's version"
+    )]
     Hash(String),
 }
 

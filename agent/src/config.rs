@@ -15,12 +15,16 @@ pub const DEFAULT_WINRM_HTTPS_PORT: u16 = 5986;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error(
+        "cannot read config file {path}: {source}. Check the path (--config) and its permissions; `remote-agent enable` writes a commented one"
+    )]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid: {message}")]
+    #[error(
+        "config file {path} is not valid: {message}. Fix the line named above; README.md shows every setting"
+    )]
     Parse { path: PathBuf, message: String },
     #[error(
         "invalid listen address '{value}' for {what}: use HOST:PORT (e.g. 0.0.0.0:{DEFAULT_SSH_PORT}) or 'off'"

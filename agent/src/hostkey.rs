@@ -10,7 +10,9 @@ pub const HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostKeyError {
-    #[error("cannot read host key {path}: {source}")]
+    #[error(
+        "cannot read host key {path}: {source}. Check the state dir's permissions, or move the file aside to have a new key generated (clients will then see a changed host key)"
+    )]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -24,7 +26,9 @@ pub enum HostKeyError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot generate host key: {0}")]
+    #[error(
+        "cannot generate host key: {0}. Check that the system has entropy (/dev/urandom) and try again"
+    )]
     Generate(String),
 }
 

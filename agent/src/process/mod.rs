@@ -25,14 +25,18 @@ pub enum ProcessError {
         "account '{account}' names run_as '{user}', but the agent is not running as root and cannot switch users: run the agent as root or remove run_as"
     )]
     CannotSwitch { account: String, user: String },
-    #[error("cannot look up OS user: {0}")]
+    #[error("cannot look up OS user: {0}. Check /etc/passwd (or NSS) on the agent's host")]
     Lookup(nix::Error),
-    #[error("cannot start {what}: {source}")]
+    #[error(
+        "cannot start {what}: {source}. Check that it exists and is executable for the account's OS user, and the agent's log on the host"
+    )]
     Spawn {
         what: String,
         source: std::io::Error,
     },
-    #[error("cannot set up a pseudo-terminal: {0}")]
+    #[error(
+        "cannot set up a pseudo-terminal: {0}. The host may be out of ptys (kernel.pty.max) or /dev/pts is not mounted; run without a terminal meanwhile"
+    )]
     Pty(String),
 }
 

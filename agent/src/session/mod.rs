@@ -91,7 +91,7 @@ pub enum SessionError {
     /// Also returned for sessions of other users: a session id is never a capability.
     #[error("no session '{0}' for you on this agent")]
     NotFound(String),
-    #[error("session '{0}' is closed")]
+    #[error("session '{0}' is closed: open a new one with `remote session new`")]
     Closed(String),
     #[error("session '{id}' is a {shape} session: {what}")]
     WrongShape {
@@ -99,9 +99,11 @@ pub enum SessionError {
         shape: &'static str,
         what: &'static str,
     },
-    #[error("no command {command} in session '{id}'")]
+    #[error(
+        "no command {command} in session '{id}': `remote receive {id}` shows the session's commands"
+    )]
     NoCommand { id: String, command: u64 },
-    #[error("invalid request: {0}")]
+    #[error("invalid request: {0} (a client of another release? use matching versions)")]
     Invalid(String),
     #[error("quota exceeded: {what} (at most {limit}; [sessions] {setting} in the agent's config)")]
     Quota {
@@ -113,7 +115,9 @@ pub enum SessionError {
     Endpoint(#[from] EndpointError),
     #[error(transparent)]
     Process(#[from] ProcessError),
-    #[error("cannot prepare the session's state directory {path}: {source}")]
+    #[error(
+        "cannot prepare the session's state directory {path}: {source}. Check that the agent's state dir is writable and not full"
+    )]
     StateDir {
         path: std::path::PathBuf,
         source: std::io::Error,
