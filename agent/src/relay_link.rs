@@ -343,6 +343,20 @@ struct Tunnel<'l> {
 struct ChannelHandle {
     input: mpsc::Sender<Vec<u8>>,
     window: Arc<Semaphore>,
+    /// The latest acknowledgement that arrived while the input queue was crowded: clients
+    /// acknowledge every record, and acknowledgements are cumulative, so a crowd of them
+    /// becomes one, delivered after the next queued frame, instead of closing the channel
+    /// (losing acknowledgements would show as repeated output at the next receive).
+    pending_ack: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
+
+/// Whether `frame` is a ClientFrame carrying an Ack.
+fn is_ack(frame: &[u8]) -> bool {
+    use prost::Message;
+    matches!(
+        remote_proto::session::ClientFrame::decode(frame).map(|f| f.msg),
+        Ok(Some(remote_proto::session::client_frame::Msg::Ack(_)))
+    )
 }
 
 impl Tunnel<'_> {
@@ -390,6 +404,12 @@ impl Tunnel<'_> {
             relay_message::Msg::Open(o) => self.open_channel(o.channel, &o.user).await?,
             relay_message::Msg::Channel(d) => {
                 let full = match self.channels.get(&d.channel) {
+                    Some(ch)
+                        if ch.input.capacity() < CHANNEL_INPUT_QUEUE / 2 && is_ack(&d.frame) =>
+                    {
+                        *ch.pending_ack.lock().unwrap_or_else(|p| p.into_inner()) = Some(d.frame);
+                        false
+                    }
                     Some(ch) => ch.input.try_send(d.frame).is_err(),
                     None => false,
                 };
@@ -448,13 +468,19 @@ impl Tunnel<'_> {
         let server = tokio::spawn(crate::wire::serve(host, principal, theirs));
         let (rd, mut wr) = tokio::io::split(ours);
         let (tx, win, st) = (self.tx.clone(), window.clone(), stop.clone());
+        let pending_ack = Arc::new(std::sync::Mutex::new(None::<Vec<u8>>));
+        let pending = pending_ack.clone();
         tokio::spawn(async move {
             // Relay → session: re-frame each frame with its length prefix.
             let writer = async {
-                while let Some(frame) = input_rx.recv().await {
-                    let len = (frame.len() as u32).to_be_bytes();
-                    if wr.write_all(&len).await.is_err() || wr.write_all(&frame).await.is_err() {
-                        break;
+                'frames: while let Some(frame) = input_rx.recv().await {
+                    let ack = pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    for frame in std::iter::once(frame).chain(ack) {
+                        let len = (frame.len() as u32).to_be_bytes();
+                        if wr.write_all(&len).await.is_err() || wr.write_all(&frame).await.is_err()
+                        {
+                            break 'frames;
+                        }
                     }
                 }
                 let _ = wr.shutdown().await;
@@ -502,6 +528,7 @@ impl Tunnel<'_> {
             ChannelHandle {
                 input: input_tx,
                 window,
+                pending_ack,
             },
         );
         Ok(())

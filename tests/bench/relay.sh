@@ -18,7 +18,8 @@
 #   2. journal persistence with spill: one simulated agent reports one commands session in
 #      its AgentHello and spills BENCH_SPILL_BYTES of output records for it (64 KiB each,
 #      4 per SpillBatch, 8 batches in flight), each batch acknowledged (SpillAck) once durable
-#      in the relay's SQLite store -> MB/s (10^6 bytes) of acknowledged payload (target
+#      in the relay's store (payloads in segment files, index in SQLite) -> MB/s (10^6 bytes)
+#      of acknowledged payload (target
 #      >= 200); the store is checked to hold every record afterwards. For reference, the
 #      data dir's file system: `dd bs=1M conv=fdatasync` of the same size.
 #   3. keystroke echo round trip added by the relay (target <= 1 ms at p50): one real

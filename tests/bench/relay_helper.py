@@ -78,7 +78,7 @@ def table(path):
     if "s_spill_mbs" in r or "s_enrolled" in r or "dd_mbs" in r:
         size = num(r.get("s_spill_bytes"))
         rows.append((
-            "2. journal persistence with spill: SpillBatch → SQLite → SpillAck, "
+            "2. journal persistence with spill: SpillBatch → store (segment files + SQLite index) → SpillAck, "
             + (f"{size / 1048576:.0f} MiB" if size else "?")
             + " in 64 KiB records, 4 per batch, "
             + f"{r.get('s_spill_in_flight', '?')} batches in flight [MB/s]",

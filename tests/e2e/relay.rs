@@ -302,14 +302,27 @@ fn a_cut_tunnel_loses_nothing_and_the_session_keeps_running() {
     }
     // Everything, in pieces: each receive gets what the previous ones did not.
     let mut all = String::new();
+    // What each receive got (first and last line), to tell a repeat's source on failure.
+    let mut pieces = Vec::new();
     while !all.contains("line 1499\n") {
         assert!(Instant::now() < deadline, "incomplete: {all}");
         let out = run(remote(&home_b, &relay, &alice).args(["receive", &id]));
         assert!(out.status.success(), "{}", stderr(&out));
-        all.push_str(&stdout(&out));
+        let text = stdout(&out);
+        pieces.push(format!(
+            "{:?}..{:?}",
+            text.lines().next().unwrap_or(""),
+            text.lines().last().unwrap_or("")
+        ));
+        all.push_str(&text);
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert_eq!(check_counter(&all), 1500);
+    let counted = std::panic::catch_unwind(|| check_counter(&all));
+    assert!(
+        matches!(counted, Ok(1500)),
+        "receives: {pieces:?}\nagent log:\n{}",
+        agent.log()
+    );
     let out = run(remote(&home_b, &relay, &alice).args(["session", "list"]));
     let row = stdout(&out);
     assert!(row.contains(&id) && row.contains("(online)"), "{row}");
