@@ -452,7 +452,9 @@ pub fn parse_listen(what: &'static str, value: &str) -> Result<Option<SocketAddr
         })
 }
 
-fn hostname() -> String {
+/// The host's name (`/proc/sys/kernel/hostname`), `localhost` when unknown: the agent's
+/// default name.
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())

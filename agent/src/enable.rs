@@ -540,7 +540,7 @@ impl Run<'_> {
                 missing.display()
             ));
         }
-        let name = config.name.clone().unwrap_or_else(hostname);
+        let name = config.name.clone().unwrap_or_else(crate::config::hostname);
         let identity = tls::load_or_generate(&state_dir, None, None, &name)?;
         if identity.generated {
             self.summary.created += 1;
@@ -690,14 +690,6 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), EnableError
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
     }
     Ok(())
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
 }
 
 /// A `Subsystem remote …` line found in sshd's configuration.

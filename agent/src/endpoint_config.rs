@@ -33,26 +33,6 @@ pub enum EditError {
     Missing { name: String, path: PathBuf },
 }
 
-/// Settings `endpoint add|set` understands, as `KEY=VALUE` (lists comma-separated,
-/// `env.NAME=VALUE` for the environment, `KEY=` to remove a setting).
-pub const KEYS: &[&str] = &[
-    "users",
-    "groups",
-    "run",
-    "commands",
-    "run_as",
-    "workdir",
-    "env.NAME",
-    "max_received_mb_per_command",
-    "max_input_mb_per_command",
-    "max_sessions_per_user",
-    "max_commands_per_user",
-    "max_connections",
-    "idle_timeout_secs",
-    "operation_timeout_secs",
-    "buffering",
-];
-
 const LISTS: &[&str] = &["users", "groups", "commands"];
 const NUMBERS: &[&str] = &[
     "max_received_mb_per_command",
@@ -64,6 +44,19 @@ const NUMBERS: &[&str] = &[
     "operation_timeout_secs",
 ];
 const TEXTS: &[&str] = &["run", "run_as", "workdir", "buffering"];
+
+/// Settings `endpoint add|set` understands, as `KEY=VALUE` (lists comma-separated,
+/// `env.NAME=VALUE` for the environment, `KEY=` to remove a setting), for messages.
+fn keys() -> String {
+    let all: Vec<&str> = LISTS
+        .iter()
+        .chain(TEXTS)
+        .chain(&["env.NAME"])
+        .chain(NUMBERS)
+        .copied()
+        .collect();
+    all.join(", ")
+}
 
 /// The config file as a document to edit (empty when the file does not exist yet).
 fn load(path: &Path) -> Result<DocumentMut, EditError> {
@@ -236,7 +229,7 @@ fn apply(table: &mut Table, settings: &[String]) -> Result<(), EditError> {
         let Some((key, val)) = s.split_once('=') else {
             return Err(EditError::Invalid(format!(
                 "'{s}' is not KEY=VALUE; keys: {}",
-                KEYS.join(", ")
+                keys()
             )));
         };
         let (key, val) = (key.trim(), val.trim());
@@ -280,7 +273,7 @@ fn apply(table: &mut Table, settings: &[String]) -> Result<(), EditError> {
         } else {
             return Err(EditError::Invalid(format!(
                 "unknown setting '{key}'; keys: {}",
-                KEYS.join(", ")
+                keys()
             )));
         }
     }

@@ -538,6 +538,25 @@ impl Tester {
         }
     }
 
+    /// The trust `--ca`/`--fingerprint` ask for, with `store` for first contact, recording
+    /// nothing (a test leaves no trace).
+    fn trust(&self, store: std::path::PathBuf) -> Result<Trust, Failure> {
+        Trust::new(
+            self.opts.ca.as_deref(),
+            self.opts.fingerprint.as_deref(),
+            store,
+        )
+        .map(|t| t.without_recording())
+        .map_err(|e| {
+            Failure::new(
+                Step::Protocol,
+                "tls",
+                "unusable trust option",
+                e.to_string(),
+            )
+        })
+    }
+
     fn endpoint(&self) -> String {
         self.opts
             .endpoint
@@ -838,21 +857,7 @@ impl Tester {
         dest: &Dest,
     ) -> Result<(), Failure> {
         let tls = self.target.scheme == Scheme::Winrms;
-        let trust = match Trust::new(
-            self.opts.ca.as_deref(),
-            self.opts.fingerprint.as_deref(),
-            config::winrm_known_hosts_file(),
-        ) {
-            Ok(t) => t.without_recording(),
-            Err(e) => {
-                return Err(Failure::new(
-                    Step::Protocol,
-                    "tls",
-                    "unusable trust option",
-                    e.to_string(),
-                ));
-            }
-        };
+        let trust = self.trust(config::winrm_known_hosts_file())?;
         // Step 3: plain HTTP, or the TLS handshake and the certificate.
         if tls {
             self.tls_step(stream, reached, dest, &trust).await?;
@@ -1093,21 +1098,7 @@ impl Tester {
         reached: SocketAddr,
         dest: &Dest,
     ) -> Result<(), Failure> {
-        let trust = match Trust::new(
-            self.opts.ca.as_deref(),
-            self.opts.fingerprint.as_deref(),
-            config::relay_known_hosts_file(),
-        ) {
-            Ok(t) => t.without_recording(),
-            Err(e) => {
-                return Err(Failure::new(
-                    Step::Protocol,
-                    "tls",
-                    "unusable trust option",
-                    e.to_string(),
-                ));
-            }
-        };
+        let trust = self.trust(config::relay_known_hosts_file())?;
         // Step 3: TLS and the relay's certificate.
         let first_use = self.tls_step(stream, reached, dest, &trust).await?;
         // Step 4: the token. A certificate seen for the first time is pinned for this test

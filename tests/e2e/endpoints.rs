@@ -94,6 +94,60 @@ fn relay_remote(client: &Client, relay: &Relay, token: &str) -> Command {
     cmd
 }
 
+/// Account `erin` (group ops, key login) on an agent with the endpoints above, and a client
+/// machine for her.
+struct Erin {
+    _agent: Agent,
+    key: ClientKey,
+    client: Client,
+    target: String,
+}
+
+impl Erin {
+    fn start() -> Erin {
+        let (agent, _) = agent(&[]);
+        let key = agent.key("erin_key");
+        agent.user(
+            &[
+                "add",
+                "erin",
+                "--group",
+                "ops",
+                "--authorized-key",
+                &key.public.to_string_lossy(),
+            ],
+            None,
+        );
+        let target = format!("erin@127.0.0.1:{}", agent.port());
+        Erin {
+            _agent: agent,
+            key,
+            client: Client::new(),
+            target,
+        }
+    }
+
+    /// `remote ARGS` as erin on her client machine.
+    fn remote(&self, args: &[&str]) -> Output {
+        let mut cmd = self.client.remote();
+        cmd.arg("--identity").arg(&self.key.private).args(args);
+        run(&mut cmd)
+    }
+
+    /// `remote session new TARGET EXTRA…`: the session's TARGET/ID.
+    fn session(&self, extra: &[&str]) -> String {
+        let mut args = vec!["session", "new", self.target.as_str()];
+        args.extend(extra);
+        let out = self.remote(&args);
+        assert!(out.status.success(), "session new: {}", stderr(&out));
+        format!(
+            "{}/{}",
+            self.target,
+            stdout(&out).lines().last().unwrap_or_default()
+        )
+    }
+}
+
 fn canary(dir: &Path) -> std::path::PathBuf {
     dir.join("canary")
 }
@@ -294,32 +348,9 @@ fn the_default_endpoint_admits_admins_only_over_ssh_winrm_and_the_relay() {
 
 #[test]
 fn an_output_quota_stops_the_command_names_the_setting_and_the_session_survives() {
-    let (agent, _) = agent(&[]);
-    let key = agent.key("erin_key");
-    agent.user(
-        &[
-            "add",
-            "erin",
-            "--group",
-            "ops",
-            "--authorized-key",
-            &key.public.to_string_lossy(),
-        ],
-        None,
-    );
-    let client = Client::new();
-    let target = format!("erin@127.0.0.1:{}", agent.port());
-    let remote = |args: &[&str]| {
-        let mut cmd = client.remote();
-        cmd.arg("--identity").arg(&key.private).args(args);
-        run(&mut cmd)
-    };
-    let out = remote(&["session", "new", &target, "--endpoint", "small"]);
-    assert!(out.status.success(), "session new: {}", stderr(&out));
-    let id = format!(
-        "{target}/{}",
-        stdout(&out).lines().last().unwrap_or_default()
-    );
+    let erin = Erin::start();
+    let remote = |args: &[&str]| erin.remote(args);
+    let id = erin.session(&["--endpoint", "small"]);
     // 3 MB from one command against a 1 MB quota.
     let out = remote(&["exec", &id, "--", "head -c 3000000 /dev/zero"]);
     assert!(!out.status.success());
@@ -342,32 +373,9 @@ fn an_output_quota_stops_the_command_names_the_setting_and_the_session_survives(
 
 #[test]
 fn commands_per_user_and_the_operation_timeout_are_enforced() {
-    let (agent, _) = agent(&[]);
-    let key = agent.key("erin_key");
-    agent.user(
-        &[
-            "add",
-            "erin",
-            "--group",
-            "ops",
-            "--authorized-key",
-            &key.public.to_string_lossy(),
-        ],
-        None,
-    );
-    let client = Client::new();
-    let target = format!("erin@127.0.0.1:{}", agent.port());
-    let remote = |args: &[&str]| {
-        let mut cmd = client.remote();
-        cmd.arg("--identity").arg(&key.private).args(args);
-        run(&mut cmd)
-    };
-    let out = remote(&["session", "new", &target, "--endpoint", "slow"]);
-    assert!(out.status.success(), "session new: {}", stderr(&out));
-    let id = format!(
-        "{target}/{}",
-        stdout(&out).lines().last().unwrap_or_default()
-    );
+    let erin = Erin::start();
+    let remote = |args: &[&str]| erin.remote(args);
+    let id = erin.session(&["--endpoint", "slow"]);
     let out = remote(&["exec", "-d", &id, "--", "sleep 30"]);
     assert!(out.status.success(), "exec -d: {}", stderr(&out));
     // One running command per user on this endpoint.
@@ -398,20 +406,8 @@ fn commands_per_user_and_the_operation_timeout_are_enforced() {
 
 #[test]
 fn the_clients_session_options_apply_where_shorter_than_the_endpoints() {
-    let (agent, _) = agent(&[]);
-    let key = agent.key("erin_key");
-    agent.user(
-        &[
-            "add",
-            "erin",
-            "--group",
-            "ops",
-            "--authorized-key",
-            &key.public.to_string_lossy(),
-        ],
-        None,
-    );
-    let client = Client::new();
+    let erin = Erin::start();
+    let client = &erin.client;
     let config = client.config_home().join("remote/config.toml");
     std::fs::create_dir_all(config.parent().unwrap()).unwrap();
     std::fs::write(
@@ -419,21 +415,11 @@ fn the_clients_session_options_apply_where_shorter_than_the_endpoints() {
         "[session]\nmax_received_mb_per_command = 1\noperation_timeout_secs = 2\n",
     )
     .unwrap();
-    let target = format!("erin@127.0.0.1:{}", agent.port());
-    let remote = |args: &[&str]| {
-        let mut cmd = client.remote();
-        cmd.arg("--identity").arg(&key.private).args(args);
-        run(&mut cmd)
-    };
+    let (remote, target) = (|args: &[&str]| erin.remote(args), erin.target.clone());
     let new = |extra: &[&str]| {
-        let mut args = vec!["session", "new", &target, "--endpoint", "ops"];
+        let mut args = vec!["--endpoint", "ops"];
         args.extend(extra);
-        let out = remote(&args);
-        assert!(out.status.success(), "session new: {}", stderr(&out));
-        format!(
-            "{target}/{}",
-            stdout(&out).lines().last().unwrap_or_default()
-        )
+        erin.session(&args)
     };
     let id = new(&[]);
     let out = remote(&["exec", &id, "--", "head -c 3000000 /dev/zero"]);

@@ -78,11 +78,16 @@ impl Principal {
     }
 }
 
-/// What `who`'s processes run as on `endpoint`: its `run_as` user when it names one.
-pub fn endpoint_identity(who: &Principal, endpoint: &Endpoint) -> Result<Identity, ProcessError> {
+/// What account `account`'s processes (otherwise run as `identity`) run as on `endpoint`:
+/// the endpoint's `run_as` user when it names one.
+pub fn endpoint_identity(
+    account: &str,
+    identity: &Identity,
+    endpoint: &Endpoint,
+) -> Result<Identity, ProcessError> {
     match &endpoint.run_as {
-        Some(user) => Identity::for_run_as(&who.name, user),
-        None => Ok(who.identity.clone()),
+        Some(user) => Identity::for_run_as(account, user),
+        None => Ok(identity.clone()),
     }
 }
 
@@ -514,7 +519,7 @@ impl SessionHost {
             .into());
         }
         let connection = endpoint.connect()?;
-        let identity = endpoint_identity(who, &endpoint)?;
+        let identity = endpoint_identity(&who.name, &who.identity, &endpoint)?;
         let id = new_id();
         let journal_bytes = req
             .journal_bytes

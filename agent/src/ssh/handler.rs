@@ -230,13 +230,8 @@ impl Connection {
             }
         };
         let identity = match crate::session::endpoint_identity(
-            &crate::session::Principal {
-                name: login.account.name.clone(),
-                admin: login.account.admin,
-                groups: login.account.groups.clone(),
-                identity: login.identity.clone(),
-                transport: "ssh",
-            },
+            &login.account.name,
+            &login.identity,
             &endpoint,
         ) {
             Ok(i) => i,
