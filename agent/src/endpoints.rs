@@ -21,9 +21,7 @@ use crate::session::journal::Mode;
 pub const DEFAULT_ENDPOINT: &str = "default";
 /// The group every admin account is in.
 pub const ADMINS_GROUP: &str = "admins";
-/// Environment variable a client may set (ssh `SetEnv`, a WinRM shell's environment) to
-/// choose an endpoint where its protocol has no other way.
-pub const ENDPOINT_ENV: &str = "REMOTE_ENDPOINT";
+pub use remote_proto::ENDPOINT_ENV;
 /// Where allow-listed command names are looked up (never the client's PATH).
 const SAFE_PATH: &[&str] = &[
     "/usr/local/sbin",

@@ -607,6 +607,11 @@ fn quickstart(args: QuickstartArgs) -> Result<()> {
             println!(
                 "  WinRM logs in with a password: echo PASSWORD | remote-agent user add NAME --password-stdin"
             );
+            if let Some((a, cert)) = &l.winrm_https {
+                println!(
+                    "  remote --fingerprint {cert} run winrms://NAME@{a} -- uptime   # this certificate, pinned"
+                );
+            }
         }
         println!(
             "Accounts: remote-agent user list | user add NAME --authorized-key FILE. Ctrl+C stops the agent."

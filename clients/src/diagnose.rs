@@ -545,6 +545,7 @@ impl Tester {
             self.opts.ca.as_deref(),
             self.opts.fingerprint.as_deref(),
             store,
+            config::trusted_hosts_file(),
         )
         .map(|t| t.without_recording())
         .map_err(|e| {
@@ -655,7 +656,7 @@ impl Tester {
     async fn plain_exec(&self, conn: &ssh::Connection) -> Result<(), Failure> {
         let addr = conn.addr().to_string();
         let run = async {
-            let mut process = conn.exec(PROBE_COMMAND.as_bytes()).await?;
+            let mut process = conn.exec(PROBE_COMMAND.as_bytes(), None).await?;
             let _ = process.input().eof().await;
             let (mut out, mut err) = (Vec::new(), Vec::new());
             while let Some(ev) = process.next_event().await? {
@@ -978,9 +979,11 @@ impl Tester {
                         _ => {
                             first_use = Some(fp.clone());
                             format!(
-                                "is new: it would be trusted on first use, unless it chains to a CA this \
-                                 machine trusts (remote test records nothing; the next remote command records \
-                                 it in {})",
+                                "is new, and {} is listed in {}: it would be trusted on first use, unless it \
+                                 chains to a CA this machine trusts (remote test records nothing; the next \
+                                 remote command records it in {})",
+                                dest.host,
+                                store.trusted_hosts().display(),
                                 store.path().display()
                             )
                         }
@@ -1016,6 +1019,9 @@ impl Tester {
                     TlsError::Changed { .. } => "certificate CHANGED",
                     TlsError::Mismatch { .. } => "certificate is not the pinned one",
                     TlsError::Untrusted { .. } => "certificate not trusted",
+                    TlsError::FirstContact { .. } => {
+                        "unverifiable certificate of a host not in trusted_hosts"
+                    }
                     _ => "certificate check failed",
                 };
                 Err(Failure::new(Step::Protocol, "tls", summary, e.to_string()))
@@ -1110,6 +1116,7 @@ impl Tester {
             fingerprint: first_use.or_else(|| self.opts.fingerprint.clone()),
             connect_timeout: self.timeout(),
             known_hosts: config::relay_known_hosts_file(),
+            trusted_hosts: config::trusted_hosts_file(),
         };
         let agent = self.target.host.clone();
         let auth = |e: RelayError| {
@@ -1415,7 +1422,12 @@ async fn speaks_tls(reached: SocketAddr, dest: &Dest, timeout: Duration) -> bool
     let Ok((tcp, _)) = net::connect_addrs(&[reached], timeout).await else {
         return false;
     };
-    let Ok(trust) = Trust::new(None, None, config::winrm_known_hosts_file()) else {
+    let Ok(trust) = Trust::new(
+        None,
+        None,
+        config::winrm_known_hosts_file(),
+        config::trusted_hosts_file(),
+    ) else {
         return false;
     };
     matches!(
@@ -1431,7 +1443,8 @@ async fn speaks_tls(reached: SocketAddr, dest: &Dest, timeout: Duration) -> bool
         Ok(_)
             | Err(TlsError::Changed { .. }
                 | TlsError::Mismatch { .. }
-                | TlsError::Untrusted { .. })
+                | TlsError::Untrusted { .. }
+                | TlsError::FirstContact { .. })
     )
 }
 

@@ -82,8 +82,10 @@ struct GlobalArgs {
         conflicts_with = "fingerprint"
     )]
     ca: Option<PathBuf>,
-    /// winrms://: accept only the server certificate with this fingerprint (as remote-agent
-    /// prints it at start: SHA256:<base64>).
+    /// winrms:// and the relay: accept only the server certificate with this fingerprint (as
+    /// remote-agent prints it at start: SHA256:<base64>). Without --ca or --fingerprint, a
+    /// certificate no trusted CA vouches for is trusted on first contact only if the host is
+    /// listed in $XDG_CONFIG_HOME/remote/trusted_hosts, and is recorded then.
     #[arg(long, value_name = "SHA256:...", global = true)]
     fingerprint: Option<String>,
     /// The relay for relay://AGENT targets and for sessions not opened from this machine,
@@ -235,6 +237,10 @@ struct RunArgs {
     /// stderr, error) and nothing else on stdout.
     #[arg(long)]
     json: bool,
+    /// The session configuration (endpoint) to run on, on every target: over SSH the
+    /// channel variable REMOTE_ENDPOINT, over WinRM the shell's, through the relay the run's.
+    #[arg(long, value_name = "NAME")]
+    endpoint: Option<String>,
     /// The command and its arguments, after `--`. A single argument is a shell command line
     /// as-is ('ls | wc -l'); several are quoted for the remote shell one by one.
     #[arg(last = true, required = true, value_name = "COMMAND")]
@@ -400,6 +406,7 @@ fn relay_options(global: &GlobalArgs) -> RelayOptions {
         fingerprint: global.fingerprint.clone(),
         connect_timeout: Duration::from_secs(global.connect_timeout),
         known_hosts: config::relay_known_hosts_file(),
+        trusted_hosts: config::trusted_hosts_file(),
     }
 }
 
@@ -729,6 +736,7 @@ async fn make_clients(global: &GlobalArgs) -> Result<Clients> {
         global.ca.as_deref(),
         global.fingerprint.as_deref(),
         config::winrm_known_hosts_file(),
+        config::trusted_hosts_file(),
     )?;
     let winrm = Arc::new(winrm::Client::new(
         credentials,
@@ -824,6 +832,7 @@ async fn run_command(global: &GlobalArgs, args: RunArgs) -> Result<i32> {
         throttle: usize::try_from(args.throttle).unwrap_or(usize::MAX),
         mode,
         forward_stdin: !several && !global.password_stdin,
+        endpoint: args.endpoint.clone(),
     };
     let command = run::command_line(&args.command);
     let results = run::run(

@@ -75,6 +75,8 @@ pub struct RelayOptions {
     pub fingerprint: Option<String>,
     pub connect_timeout: Duration,
     pub known_hosts: PathBuf,
+    /// The hosts whose certificate may be trusted on first contact.
+    pub trusted_hosts: PathBuf,
 }
 
 impl RelayOptions {
@@ -117,6 +119,7 @@ impl RelayClient {
             opts.ca.as_deref(),
             opts.fingerprint.as_deref(),
             opts.known_hosts.clone(),
+            opts.trusted_hosts.clone(),
         )?;
         let timeout = opts.connect_timeout;
         let port: u16 = addr
@@ -230,11 +233,13 @@ impl RelayClient {
         Ok((tx, resp.into_inner()))
     }
 
-    /// Run one command line on `agent`; its output and exit come as events.
+    /// Run one command line on `agent`, on its `endpoint` ("": its default); its output and
+    /// exit come as events.
     pub async fn run(
         &self,
         agent: &str,
         command: &str,
+        endpoint: &str,
         stdin: Vec<u8>,
     ) -> Result<Streaming<RunEvent>, RelayError> {
         let mut g = self.grpc.clone();
@@ -243,6 +248,7 @@ impl RelayClient {
             command: command.to_string(),
             throttle: 1,
             stdin,
+            endpoint: endpoint.to_string(),
         };
         let resp = g.run(self.request(req)).await.map_err(|s| self.err(s))?;
         Ok(resp.into_inner())

@@ -74,6 +74,8 @@ pub struct RunOptions {
     pub mode: OutputMode,
     /// Forward local stdin to the command (one target only); otherwise it gets EOF.
     pub forward_stdin: bool,
+    /// The agents' endpoint (session configuration) to run on; `None`: their default.
+    pub endpoint: Option<String>,
 }
 
 /// Ctrl+C, shared between the signal handler and the running targets.
@@ -242,6 +244,7 @@ pub async fn run(
     output: Output,
 ) -> Vec<TargetResult> {
     let command: Arc<[u8]> = command.into();
+    let endpoint: Option<Arc<str>> = options.endpoint.map(Into::into);
     let permits = Arc::new(Semaphore::new(options.throttle.max(1)));
     let mut tasks = Vec::with_capacity(targets.len());
     for target in targets {
@@ -250,6 +253,7 @@ pub async fn run(
             command: command.clone(),
             mode: options.mode,
             forward_stdin: options.forward_stdin,
+            endpoint: endpoint.clone(),
             interrupt: interrupt.clone(),
             output: output.clone(),
         };
@@ -286,6 +290,7 @@ struct Job {
     command: Arc<[u8]>,
     mode: OutputMode,
     forward_stdin: bool,
+    endpoint: Option<Arc<str>>,
     interrupt: Arc<Interrupt>,
     output: Output,
 }
@@ -334,7 +339,7 @@ impl Job {
             conn.disconnect().await;
             return Err(interrupted());
         }
-        let mut process = conn.exec(&self.command).await?;
+        let mut process = conn.exec(&self.command, self.endpoint.as_deref()).await?;
         self.interrupt.command_started();
         let input = process.input();
         if self.forward_stdin {
@@ -390,13 +395,17 @@ impl Job {
             winrm::Stdin::Closed
         };
         let client = self.clients.winrm.clone();
+        let shell = winrm::soap::ShellOptions {
+            endpoint: self.endpoint.as_deref().map(String::from),
+            ..Default::default()
+        };
         let start = async {
             let conn = client.connect(target).await?;
             winrm::RemoteCommand::start(
                 client.clone(),
                 target,
                 conn,
-                winrm::command::Shell::New(&winrm::soap::ShellOptions::default()),
+                winrm::command::Shell::New(&shell),
                 &line,
                 stdin,
                 winrm::Cleanup::DeleteShell,
@@ -472,7 +481,8 @@ impl Job {
         }
         let line = String::from_utf8_lossy(&self.command).into_owned();
         let mut intr = self.interrupt.subscribe();
-        let mut events = client.run(&agent, &line, stdin).await?;
+        let endpoint = self.endpoint.as_deref().unwrap_or_default();
+        let mut events = client.run(&agent, &line, endpoint, stdin).await?;
         self.interrupt.command_started();
         let mut prefixer = LinePrefixer::new(&target.label());
         let exit = loop {

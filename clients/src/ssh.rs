@@ -519,13 +519,28 @@ impl Connection {
     }
 
     /// Run `command` (a shell command line) on a new session channel.
-    pub async fn exec(&self, command: &[u8]) -> Result<RemoteProcess, SshError> {
+    /// On `endpoint` (remote-agent's session configuration, sent as the channel variable
+    /// REMOTE_ENDPOINT, which another SSH server refuses) when given.
+    pub async fn exec(
+        &self,
+        command: &[u8],
+        endpoint: Option<&str>,
+    ) -> Result<RemoteProcess, SshError> {
         let channel = self.open().await?;
+        let mut pending = Vec::new();
+        if let Some(name) = endpoint {
+            channel
+                .set_env(true, remote_proto::ENDPOINT_ENV, name)
+                .await
+                .map_err(|e| self.lost(e))?;
+            pending.push("command on the endpoint it names (REMOTE_ENDPOINT; an SSH server other than remote-agent refuses it)");
+        }
         channel
             .exec(true, command.to_vec())
             .await
             .map_err(|e| self.lost(e))?;
-        Ok(RemoteProcess::new(channel, &self.addr, vec!["command"]))
+        pending.push("command");
+        Ok(RemoteProcess::new(channel, &self.addr, pending))
     }
 
     /// Start the login shell, with a terminal when `pty` is given.

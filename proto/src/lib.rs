@@ -79,6 +79,10 @@ pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Default port of `remote-relay`.
 pub const DEFAULT_RELAY_PORT: u16 = 7443;
 
+/// Environment variable a client sets (an SSH channel's `env` request, a WinRM shell's
+/// variable or option) to choose the agent's endpoint where its protocol has no other way.
+pub const ENDPOINT_ENV: &str = "REMOTE_ENDPOINT";
+
 /// A relay address as people write it: `HOST`, `HOST:PORT`, `[V6]:PORT`, optionally
 /// prefixed with `https://` or `relay://` (default port [`DEFAULT_RELAY_PORT`]). Returns
 /// `(host, "host:port" to connect to)`, or `None` when it is not an address.

@@ -133,12 +133,20 @@ impl Relay for RelayService {
         tokio::spawn(async move {
             let command = Arc::new(req.command);
             let stdin = Arc::new(req.stdin);
+            let endpoint = Arc::new(req.endpoint);
             futures::stream::iter(req.agents)
                 .map(|agent| {
                     let (shared, user, tx) = (shared.clone(), user.clone(), tx.clone());
-                    let (command, stdin) = (command.clone(), stdin.clone());
+                    let (command, stdin, endpoint) =
+                        (command.clone(), stdin.clone(), endpoint.clone());
                     async move {
-                        let result = run_on(&shared, &user, &agent, &command, &stdin, &tx).await;
+                        let on = RunOn {
+                            agent: &agent,
+                            endpoint: &endpoint,
+                            command: &command,
+                            stdin: &stdin,
+                        };
+                        let result = run_on(&shared, &user, on, &tx).await;
                         if let Err(e) = result {
                             let _ = tx
                                 .send(Ok(RunEvent {
@@ -165,17 +173,30 @@ fn run_error(code: session::ErrorCode, message: String) -> session::Error {
     }
 }
 
-/// Run `command` on `agent` in a commands session made for it, streaming its records as
-/// events; the session is removed afterwards.
+/// One agent's part of a Run.
+struct RunOn<'a> {
+    agent: &'a str,
+    /// The agent's endpoint ("": its default).
+    endpoint: &'a str,
+    command: &'a str,
+    stdin: &'a [u8],
+}
+
+/// Run the command on the agent in a commands session made for it (on the endpoint asked
+/// for), streaming its records as events; the session is removed afterwards.
 async fn run_on(
     shared: &Shared,
     user: &str,
-    agent: &str,
-    command: &str,
-    stdin: &[u8],
+    on: RunOn<'_>,
     tx: &mpsc::Sender<Result<RunEvent, Status>>,
 ) -> Result<(), session::Error> {
     use session::ErrorCode as C;
+    let RunOn {
+        agent,
+        endpoint,
+        command,
+        stdin,
+    } = on;
     let tunnel = shared.registry.get(agent).ok_or_else(|| {
         run_error(
             C::ErrorUnavailable,
@@ -196,6 +217,7 @@ async fn run_on(
     let open = OpenSession {
         shape: Shape::Commands as i32,
         name: "remote-run".into(),
+        endpoint: endpoint.to_string(),
         ..Default::default()
     };
     let opened = request(&mut ch, 2, client_frame::Msg::Open(open)).await?;

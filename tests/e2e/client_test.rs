@@ -272,6 +272,7 @@ fn a_wrong_password_names_the_account_and_the_host() {
         "{lines:?}"
     );
 
+    client.trust_hosts("127.0.0.1");
     for scheme in ["winrm", "winrms"] {
         let port = if scheme == "winrm" {
             http_port(&agent)
@@ -486,12 +487,25 @@ fn a_healthy_host_passes_every_step_over_ssh_winrm_and_winrms() {
     );
     let winrms = format!("winrms://alice@127.0.0.1:{}", https_port(&agent));
     let fp = agent.winrm_fingerprint.clone().expect("fingerprint");
+    // An unverifiable certificate of a host not in trusted_hosts: the TLS step fails, naming
+    // the fingerprint and the two ways on.
+    let out = remote(&client, &["test", &winrms], Some(PW));
+    check(
+        &out,
+        13,
+        &[
+            "unverifiable certificate of a host not in trusted_hosts",
+            &format!("pass --fingerprint {fp}, or add 127.0.0.1 to"),
+        ],
+    );
+    client.trust_hosts("127.0.0.1");
     let out = remote(&client, &["test", &winrms], Some(PW));
     check(
         &out,
         0,
         &[
-            &format!("certificate {fp} is new: it would be trusted on first use"),
+            &format!("certificate {fp} is new, and 127.0.0.1 is listed in"),
+            "it would be trusted on first use",
             &format!("ok: {winrms} is healthy"),
         ],
     );
@@ -595,4 +609,119 @@ fn endpoint_permission_denied_is_its_own_diagnosis() {
         Some("Bob-pw-1"),
     );
     check(&out, 15, &["FAIL endpoint", "no-such-endpoint"]);
+}
+
+#[test]
+fn a_port_that_never_answers_is_a_tcp_timeout() {
+    // A listener whose accept queue is full: the kernel drops further SYNs, as a firewall
+    // that drops packets would, so the connection neither succeeds nor is refused.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    let full = (0..4096).any(|_| {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(s) => {
+                queued.push(s);
+                false
+            }
+            Err(_) => true,
+        }
+    });
+    assert!(full, "the accept queue never filled");
+    let client = Client::new();
+    let t = format!("alice@{addr}");
+    let out = remote(&client, &["--connect-timeout", "1", "test", &t], Some(PW));
+    check(
+        &out,
+        12,
+        &[
+            &format!("FAIL tcp       {addr}: no answer"),
+            &format!(
+                "no answer from {addr} within 1 s: is the host up, and port {} open in its firewall",
+                addr.port()
+            ),
+            "--connect-timeout SECS",
+        ],
+    );
+    drop(queued);
+}
+
+#[test]
+fn a_relay_target_is_checked_through_the_relay_with_its_certificate_gated() {
+    let mut relay = remote_tests::relay::Relay::start();
+    let join = relay.join_token();
+    let opts = WinrmOptions {
+        extra_args: relay.agent_args("agent1", &join, None),
+        ..WinrmOptions::default()
+    };
+    let mut agent = Agent::start_winrm(AgentOptions::default(), opts);
+    agent.add_user("alice", Some(PW), None);
+    assert!(agent.wait_log("tunnel up", T), "{}", agent.log());
+    let token = relay.add_user("alice");
+    let client = Client::new();
+    let test = |args: &[&str], token: &str| {
+        let mut cmd = client.remote();
+        cmd.env("REMOTE_RELAY", relay.addr.to_string())
+            .env("REMOTE_TOKEN", token)
+            .args(args);
+        run_with_timeout(&mut cmd, None, T)
+    };
+    let fp = relay.fingerprint.clone();
+
+    // The relay's self-signed certificate, 127.0.0.1 not in trusted_hosts: the TLS step
+    // fails before the token is sent.
+    let out = test(&["test", "relay://agent1"], &token);
+    check(
+        &out,
+        13,
+        &[
+            "FAIL tls",
+            "unverifiable certificate of a host not in trusted_hosts",
+            &format!("pass --fingerprint {fp}"),
+        ],
+    );
+
+    // Pinned: every step passes, through the relay to the agent and a command there.
+    let out = test(&["--fingerprint", &fp, "test", "relay://agent1"], &token);
+    check(
+        &out,
+        0,
+        &[
+            &format!("certificate {fp} matches --fingerprint"),
+            "REMOTE_TOKEN accepted by the relay",
+            "printed remote-test-ok (exit 0)",
+            "ok: relay://agent1 is healthy",
+        ],
+    );
+
+    // Listed in trusted_hosts instead: the same, and nothing is recorded by a test.
+    client.trust_hosts("127.0.0.1");
+    let out = test(&["test", "relay://agent1"], &token);
+    check(
+        &out,
+        0,
+        &[
+            "is new, and 127.0.0.1 is listed in",
+            "ok: relay://agent1 is healthy",
+        ],
+    );
+    assert!(
+        !client
+            .config_home()
+            .join("remote/relay_known_hosts")
+            .exists()
+    );
+
+    // A token the relay does not know: the authentication step.
+    let out = test(&["test", "relay://agent1"], "ru_not-a-token");
+    check(&out, 14, &["FAIL auth", "the relay refused the token"]);
+
+    // An agent the relay has never seen.
+    let out = test(&["test", "relay://nowhere"], &token);
+    check(
+        &out,
+        15,
+        &["agent 'nowhere' not reachable through the relay"],
+    );
+    relay.stop();
 }

@@ -1,7 +1,7 @@
 //! The `remote` client over WinRM (`winrm://`, `winrms://`) against a real agent: `run` with
 //! Basic over HTTPS and over plain HTTP (trusted hosts only), NTLM with message encryption
-//! over HTTP and with channel binding over HTTPS, the certificate trust (first use, pinned
-//! fingerprint, CA file, changed certificate refused), several targets at once, and the
+//! over HTTP and with channel binding over HTTPS, the certificate trust (first use for trusted
+//! hosts only, pinned fingerprint, CA file, changed certificate refused), several targets at once, and the
 //! session commands (session new, exec, exec --detach + receive, session rm). Every test has
 //! its own client HOME and XDG_CONFIG_HOME.
 
@@ -48,13 +48,49 @@ fn winrm_known_hosts(client: &Client) -> PathBuf {
     client.config_home().join("remote/winrm_known_hosts")
 }
 
+/// The agent's audit lines for WinRM logins, once at least `n` are there.
+fn winrm_logins(agent: &Agent, n: usize) -> Vec<String> {
+    let path = agent.state_dir.join("audit.jsonl");
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let lines: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"event\":\"auth\"") && l.contains("\"transport\":\"winrm"))
+            .map(String::from)
+            .collect();
+        if lines.len() >= n || std::time::Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
-fn basic_over_https_runs_commands_and_trusts_the_certificate_on_first_use() {
+fn basic_over_https_trusts_the_certificate_on_first_use_of_a_trusted_host_only() {
     let agent = agent(false);
     let client = Client::new();
     let t = https(&agent);
     let fp = agent.winrm_fingerprint.clone().expect("fingerprint");
 
+    // 127.0.0.1 is not in trusted_hosts: its self-signed certificate is refused before the
+    // password goes out, with the fingerprint to compare and the two ways on.
+    let out = remote(&client, &["--auth", "basic", "run", &t, "--", "echo no"]);
+    assert_eq!(out.status.code(), Some(255), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("({fp}) is not signed by a CA this machine trusts"))
+            && err.contains("127.0.0.1 is not in")
+            && err.contains(&format!("pass --fingerprint {fp}")),
+        "{err}"
+    );
+    assert!(!winrm_known_hosts(&client).exists(), "nothing recorded");
+    // It never reached authentication (the agent's audit log would have a login by now).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(winrm_logins(&agent, 0), Vec::<String>::new());
+
+    client.trust_hosts("127.0.0.1");
     let out = remote(
         &client,
         &[
@@ -76,6 +112,11 @@ fn basic_over_https_runs_commands_and_trusts_the_certificate_on_first_use() {
     assert_eq!(out.status.code(), Some(3));
     let recorded = std::fs::read_to_string(winrm_known_hosts(&client)).expect("recorded");
     assert!(recorded.contains(&fp), "{recorded}");
+    let logins = winrm_logins(&agent, 1);
+    assert!(
+        !logins.is_empty() && logins.iter().all(|l| l.contains("\"success\":true")),
+        "{logins:?}"
+    );
 
     // Second contact: silent. Arguments are quoted; a single one is a command line.
     let out = remote(
@@ -265,6 +306,7 @@ fn ntlm_over_http_encrypts_and_over_https_binds_the_channel() {
     // Encryption is required on plain HTTP (no --allow-unencrypted): only sealed NTLM works.
     let agent = agent(false);
     let client = Client::new();
+    client.trust_hosts("127.0.0.1");
     let out = remote(
         &client,
         &[
@@ -307,6 +349,7 @@ fn ntlm_over_http_encrypts_and_over_https_binds_the_channel() {
 fn sessions_over_winrm() {
     let agent = agent(false);
     let client = Client::new();
+    client.trust_hosts("127.0.0.1");
     let t = https(&agent);
     let basic = ["--auth", "basic"];
     let with = |args: &[&str]| {

@@ -86,8 +86,9 @@ fn winrm_cmds(agent: &Agent, endpoint: Option<&str>, commands: Value) -> Value {
     py1(op)
 }
 
-/// `remote` as relay user `token`.
+/// `remote` as relay user `token`, trusting the relay (127.0.0.1) on first contact.
 fn relay_remote(client: &Client, relay: &Relay, token: &str) -> Command {
+    client.trust_hosts("127.0.0.1");
     let mut cmd = client.remote();
     cmd.env("REMOTE_RELAY", relay.addr.to_string())
         .env("REMOTE_TOKEN", token);
@@ -277,6 +278,7 @@ fn the_default_endpoint_admits_admins_only_over_ssh_winrm_and_the_relay() {
     assert_eq!(ok(&r)["results"][0]["status"], 0, "{r:#}");
     // The same with this project's client (`--endpoint` becomes the shell's REMOTE_ENDPOINT).
     let client = Client::new();
+    client.trust_hosts("127.0.0.1");
     let winrms = format!(
         "winrms://carol@{}",
         agent.winrm_https.expect("https listener")
@@ -295,6 +297,38 @@ fn the_default_endpoint_admits_admins_only_over_ssh_winrm_and_the_relay() {
     let out = remote_winrm(&["exec", &shell, "--", "uptime"]);
     assert!(stdout(&out).contains("load average"), "{}", stderr(&out));
 
+    // `remote run --endpoint` over SSH and WinRM: without it the default refuses carol.
+    let ssh_target = format!("carol@127.0.0.1:{}", agent.port());
+    let identity = key.private.to_string_lossy().into_owned();
+    let remote_run = |target: &str, endpoint: Option<&str>, command: &str| {
+        let mut args = vec!["--identity", &identity, "run", target];
+        if let Some(e) = endpoint {
+            args.extend(["--endpoint", e]);
+        }
+        args.extend(["--", command]);
+        remote_winrm(&args)
+    };
+    let out = remote_run(&ssh_target, None, "uptime");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(denied), "{}", stderr(&out));
+    for target in [ssh_target.as_str(), winrms.as_str()] {
+        let out = remote_run(target, Some("restricted"), "df -h");
+        assert!(out.status.success(), "{target}: {}", stderr(&out));
+        assert!(
+            stdout(&out).contains("Filesystem"),
+            "{target}: {}",
+            stdout(&out)
+        );
+        let out = remote_run(target, Some("restricted"), "df; echo ran");
+        assert!(!out.status.success());
+        assert!(!stdout(&out).contains("ran"), "{target}: {}", stdout(&out));
+        assert!(
+            stderr(&out).contains("endpoint 'restricted' does not allow 'df;'"),
+            "{target}: {}",
+            stderr(&out)
+        );
+    }
+
     // The relay.
     let carol = relay.add_user("carol");
     let out = run(relay_remote(&client, &relay, &carol).args(["session", "new", "relay://agent1"]));
@@ -304,6 +338,21 @@ fn the_default_endpoint_admits_admins_only_over_ssh_winrm_and_the_relay() {
         run(relay_remote(&client, &relay, &carol).args(["run", "relay://agent1", "--", "echo hi"]));
     assert!(!out.status.success(), "{}", stdout(&out));
     assert!(stderr(&out).contains(denied), "{}", stderr(&out));
+    let on_restricted = ["run", "relay://agent1", "--endpoint", "restricted", "--"];
+    let out = run(relay_remote(&client, &relay, &carol)
+        .args(on_restricted)
+        .arg("uptime"));
+    assert!(stdout(&out).contains("load average"), "{}", stderr(&out));
+    let out = run(relay_remote(&client, &relay, &carol)
+        .args(on_restricted)
+        .arg("sh -c 'echo ran'"));
+    assert!(!out.status.success());
+    assert!(!stdout(&out).contains("ran"), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("endpoint 'restricted' does not allow 'sh'"),
+        "{}",
+        stderr(&out)
+    );
 
     // An admin is admitted on default.
     let admin = relay.add_user("admin");

@@ -58,11 +58,13 @@ fn relay_only_agent(state: &std::path::Path) -> Command {
     cmd
 }
 
-/// `remote` on machine `client` as the relay user whose token is `token`.
+/// `remote` on machine `client` as the relay user whose token is `token`, with the relay's
+/// certificate pinned as its log printed it.
 fn remote(client: &Client, relay: &Relay, token: &str) -> Command {
     let mut cmd = client.remote();
     cmd.env("REMOTE_RELAY", relay.addr.to_string())
-        .env("REMOTE_TOKEN", token);
+        .env("REMOTE_TOKEN", token)
+        .args(["--fingerprint", &relay.fingerprint]);
     cmd
 }
 

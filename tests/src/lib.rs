@@ -585,6 +585,14 @@ impl Client {
         self.config_home().join("remote/known_hosts")
     }
 
+    /// Write this machine's `trusted_hosts` (Basic over http://, and first contact with an
+    /// unverifiable TLS certificate, go only to the hosts it lists).
+    pub fn trust_hosts(&self, hosts: &str) {
+        let dir = self.config_home().join("remote");
+        std::fs::create_dir_all(&dir).expect("config dir");
+        std::fs::write(dir.join("trusted_hosts"), format!("{hosts}\n")).expect("trusted_hosts");
+    }
+
     /// `remote --batch` in this environment; add arguments with `.args(..)`.
     pub fn remote(&self) -> Command {
         let mut cmd = Command::new(bin("remote"));

@@ -284,7 +284,8 @@ fn client(auth: AuthMethod, password: &str, dir: &std::path::Path) -> Arc<Client
             auth,
             connect_timeout: Duration::from_secs(5),
             default_user: "nobody".into(),
-            trust: tls::Trust::new(None, None, dir.join("winrm_known_hosts")).unwrap(),
+            trust: tls::Trust::new(None, None, dir.join("winrm_known_hosts"), trusted.clone())
+                .unwrap(),
             trusted_hosts: trusted,
         },
     ))

@@ -181,7 +181,8 @@ pub fn create_shell(to: &str, options: &ShellOptions, timeout: Duration) -> Requ
     }
     if let Some(endpoint) = &options.endpoint {
         body.push_str(&format!(
-            "<rsp:Environment><rsp:Variable Name=\"REMOTE_ENDPOINT\">{}</rsp:Variable></rsp:Environment>",
+            "<rsp:Environment><rsp:Variable Name=\"{}\">{}</rsp:Variable></rsp:Environment>",
+            remote_proto::ENDPOINT_ENV,
             escape(endpoint)
         ));
     }

@@ -9,10 +9,13 @@
 //!   roots (`SSL_CERT_FILE` / `SSL_CERT_DIR`, else the usual bundle; loaded once) and names
 //!   the host is trusted, and nothing is recorded;
 //! * failing that (a self-signed certificate such as the one remote-agent generates), like
-//!   ssh's known_hosts, trust on first use: the first certificate seen for `host:port` is
-//!   recorded in `$XDG_CONFIG_HOME/remote/winrm_known_hosts` (one `HOST:PORT SHA256:…` line
-//!   each); later connections must present the same one, and a changed certificate is
-//!   refused with the file and line to edit.
+//!   ssh's known_hosts, trust on first use, but only for hosts listed in
+//!   `$XDG_CONFIG_HOME/remote/trusted_hosts` (as WinRM's TrustedHosts gates unverifiable
+//!   servers): the first certificate seen for `host:port` is recorded in
+//!   `$XDG_CONFIG_HOME/remote/winrm_known_hosts` (one `HOST:PORT SHA256:…` line each); later
+//!   connections must present the same one, and a changed certificate is refused with the
+//!   file and line to edit. An unlisted host's unverifiable certificate is refused before
+//!   anything is sent, with its fingerprint to check and pin.
 //!
 //! With a pinned certificate the handshake signatures are still verified against its key, so
 //! only the holder of that certificate's private key gets through. Also here: the TLS
@@ -77,6 +80,18 @@ pub enum TlsError {
         recorded: String,
         path: PathBuf,
         line: usize,
+    },
+    #[error(
+        "the TLS certificate of {addr} ({seen}) is not signed by a CA this machine trusts, and {host} is not in {trusted_hosts}, \
+         so it is not trusted on first contact and nothing was sent. Compare {seen} with the fingerprint the server printed at start \
+         (remote-agent status; remote-relay's log), then pass --fingerprint {seen}, or add {host} to {trusted_hosts} to trust \
+         its certificate on first contact"
+    )]
+    FirstContact {
+        addr: String,
+        host: String,
+        seen: String,
+        trusted_hosts: PathBuf,
     },
     #[error("cannot read {path}: {error}; fix its permissions, or move it away to start afresh")]
     StoreRead {
@@ -146,11 +161,12 @@ pub enum Trust {
 
 impl Trust {
     /// From the command-line options: `--ca`, else `--fingerprint`, else trust on first use
-    /// with the store at `store`.
+    /// with the store at `store`, for the hosts listed in the file `trusted_hosts`.
     pub fn new(
         ca: Option<&Path>,
         fingerprint: Option<&str>,
         store: PathBuf,
+        trusted_hosts: PathBuf,
     ) -> Result<Trust, TlsError> {
         if let Some(path) = ca {
             let err = |reason: String| TlsError::CaFile {
@@ -176,16 +192,20 @@ impl Trust {
         if let Some(fp) = fingerprint {
             return Ok(Trust::Pinned(parse_fingerprint(fp)?));
         }
-        Ok(Trust::FirstUse(Arc::new(CertStore::new(store))))
+        Ok(Trust::FirstUse(Arc::new(CertStore::new(
+            store,
+            trusted_hosts,
+        ))))
     }
 
     /// The same trust, except that trust on first use records nothing
     /// ([`CertStore::read_only`]).
     pub fn without_recording(&self) -> Trust {
         match self {
-            Trust::FirstUse(store) => {
-                Trust::FirstUse(Arc::new(CertStore::read_only(store.path().to_path_buf())))
-            }
+            Trust::FirstUse(store) => Trust::FirstUse(Arc::new(CertStore::read_only(
+                store.path().to_path_buf(),
+                store.trusted_hosts.clone(),
+            ))),
             other => other.clone(),
         }
     }
@@ -282,7 +302,19 @@ impl Trust {
                 tracing::debug!(
                     "{addr}: TLS certificate {fp} verified against the system's trusted roots"
                 );
-            } else if store.lookup(&key)?.is_none() && store.records() {
+            } else if store.lookup(&key)?.is_none() {
+                // Nothing was sent yet: an unlisted host learns nothing of our credentials.
+                if !store.may_trust_first(host, addr) {
+                    return Err(TlsError::FirstContact {
+                        addr: addr.to_string(),
+                        host: host.to_string(),
+                        seen: fp,
+                        trusted_hosts: store.trusted_hosts.clone(),
+                    });
+                }
+                if !store.records() {
+                    return Ok((stream, cert));
+                }
                 store.record(&key, &fp, addr)?;
                 crate::notice(&format!(
                     "first contact with {addr}: trusting its TLS certificate {fp} and recording it in {} \
@@ -448,6 +480,8 @@ pub struct CertStore {
     state: Mutex<Option<StoreState>>,
     /// First contacts are recorded (false: [`CertStore::read_only`]).
     record: bool,
+    /// The hosts whose certificate may be trusted on first contact (`trusted_hosts`).
+    trusted_hosts: PathBuf,
 }
 
 struct StoreState {
@@ -460,26 +494,44 @@ const STORE_HEADER: &str = "# remote: TLS certificates of servers (winrms:// age
 # One line each: HOST:PORT SHA256:<base64 SHA-256 of the certificate>. Delete a line to trust a new certificate.\n";
 
 impl CertStore {
-    pub fn new(path: PathBuf) -> CertStore {
+    /// The store at `path`; first contacts only with hosts listed in `trusted_hosts`.
+    pub fn new(path: PathBuf, trusted_hosts: PathBuf) -> CertStore {
         CertStore {
             path,
             state: Mutex::new(None),
             record: true,
+            trusted_hosts,
         }
     }
 
     /// The same lookups, but a first contact is not recorded (`remote test`: a diagnosis
     /// changes no trust); [`Trust::connect`] then accepts the certificate for that
     /// connection only, silently.
-    pub fn read_only(path: PathBuf) -> CertStore {
+    pub fn read_only(path: PathBuf, trusted_hosts: PathBuf) -> CertStore {
         CertStore {
             record: false,
-            ..CertStore::new(path)
+            ..CertStore::new(path, trusted_hosts)
         }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The trusted-hosts file that gates first contacts.
+    pub fn trusted_hosts(&self) -> &Path {
+        &self.trusted_hosts
+    }
+
+    /// Whether an unrecorded certificate of `host` (reached at `addr`, host:port) may be
+    /// trusted on first contact: the host is listed in the trusted-hosts file.
+    pub fn may_trust_first(&self, host: &str, addr: &str) -> bool {
+        let port = addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(0);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        crate::config::is_trusted_host(&self.trusted_hosts, host, port)
     }
 
     /// Whether first contacts are recorded.
@@ -663,6 +715,13 @@ fn signature_hash(cert: &[u8]) -> Hash {
 mod tests {
     use super::*;
 
+    /// A trusted-hosts file in `dir` listing `hosts`.
+    fn trusted(dir: &Path, hosts: &str) -> PathBuf {
+        let path = dir.join("trusted_hosts");
+        std::fs::write(&path, hosts).unwrap();
+        path
+    }
+
     #[test]
     fn fingerprints_are_normalised() {
         let fp = fingerprint(b"cert");
@@ -682,7 +741,7 @@ mod tests {
     fn store_records_and_finds_with_line_numbers() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/winrm_known_hosts");
-        let store = CertStore::new(path.clone());
+        let store = CertStore::new(path.clone(), PathBuf::new());
         assert_eq!(store.lookup("h:5986").unwrap(), None);
         let a = fingerprint(b"a");
         let b = fingerprint(b"b");
@@ -694,7 +753,7 @@ mod tests {
         let mut text = std::fs::read_to_string(&path).unwrap();
         text.push_str("junk\nx:1 SHA256:bad\n");
         std::fs::write(&path, text).unwrap();
-        let again = CertStore::new(path.clone());
+        let again = CertStore::new(path.clone(), PathBuf::new());
         assert_eq!(again.lookup("[::1]:5986").unwrap(), Some((b.clone(), 4)));
         assert_eq!(again.lookup("x:1").unwrap(), None);
         let line = again.record("y:2", &a, "y:2").unwrap();
@@ -805,7 +864,13 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("winrm_known_hosts");
-        let trust = Trust::new(None, None, path.clone()).unwrap();
+        let trust = Trust::new(
+            None,
+            None,
+            path.clone(),
+            trusted(dir.path(), "localhost 127.0.0.1"),
+        )
+        .unwrap();
         let key = |server: std::net::SocketAddr| format!("localhost:{}", server.port());
 
         // Chains to a system root and names the host: trusted, nothing pinned.
@@ -823,7 +888,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(cert, own.der().as_ref());
-        let recorded = CertStore::new(path.clone());
+        let recorded = CertStore::new(path.clone(), PathBuf::new());
         assert_eq!(
             recorded.lookup(&key(self_signed)).unwrap(),
             Some((own_fp.clone(), 3))
@@ -839,7 +904,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(by_ip, leaf.der().as_ref());
-        let again = CertStore::new(path.clone());
+        let again = CertStore::new(path.clone(), PathBuf::new());
         let ip_key = format!("127.0.0.1:{}", issued.port());
         assert_eq!(
             again.lookup(&ip_key).unwrap(),
@@ -850,12 +915,18 @@ mod tests {
         // other than the pinned one is refused as changed, whatever the system trusts.
         let other = tempfile::tempdir().unwrap();
         let other_path = other.path().join("winrm_known_hosts");
-        let strict = Trust::new(None, None, other_path.clone()).unwrap();
+        let strict = Trust::new(
+            None,
+            None,
+            other_path.clone(),
+            trusted(other.path(), "localhost"),
+        )
+        .unwrap();
         connect(&strict, self_signed, "localhost", None)
             .await
             .unwrap();
         connect(&strict, issued, "localhost", None).await.unwrap();
-        let pinned = CertStore::new(other_path.clone());
+        let pinned = CertStore::new(other_path.clone(), PathBuf::new());
         assert_eq!(
             pinned.lookup(&key(issued)).unwrap(),
             Some((fingerprint(leaf.der()), 4))
@@ -863,7 +934,13 @@ mod tests {
         // The issued server's host:port pinned to another certificate: refused as changed
         // without system roots, accepted on them.
         std::fs::write(&other_path, format!("{} {own_fp}\n", key(issued))).unwrap();
-        let strict = Trust::new(None, None, other_path.clone()).unwrap();
+        let strict = Trust::new(
+            None,
+            None,
+            other_path.clone(),
+            trusted(other.path(), "localhost"),
+        )
+        .unwrap();
         let err = connect(&strict, issued, "localhost", None)
             .await
             .unwrap_err();
@@ -884,9 +961,14 @@ mod tests {
         let server = tls_server(vec![cert.der().clone()], &key).await;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("winrm_known_hosts");
-        let trust = Trust::new(None, None, path.clone())
-            .unwrap()
-            .without_recording();
+        let trust = Trust::new(
+            None,
+            None,
+            path.clone(),
+            trusted(dir.path(), "localhost 127.0.0.1"),
+        )
+        .unwrap()
+        .without_recording();
         // First contact: accepted for this connection, nothing written.
         connect(&trust, server, "localhost", None).await.unwrap();
         assert!(!path.exists());
@@ -896,13 +978,79 @@ mod tests {
             format!("localhost:{} SHA256:{}\n", server.port(), "A".repeat(43)),
         )
         .unwrap();
-        let trust = Trust::new(None, None, path.clone())
-            .unwrap()
-            .without_recording();
+        let trust = Trust::new(
+            None,
+            None,
+            path.clone(),
+            trusted(dir.path(), "localhost 127.0.0.1"),
+        )
+        .unwrap()
+        .without_recording();
         let err = connect(&trust, server, "localhost", None)
             .await
             .unwrap_err();
         assert!(matches!(err, TlsError::Changed { line: 1, .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn first_contact_only_with_a_trusted_host() {
+        use rcgen::{CertificateParams, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let fp = fingerprint(cert.der());
+        let server = tls_server(vec![cert.der().clone()], &key).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("winrm_known_hosts");
+
+        // Not listed (no file, or other hosts): refused with the fingerprint, nothing recorded.
+        for list in [None, Some("db *.lab.example 127.0.0.1")] {
+            let gate = match list {
+                Some(hosts) => trusted(dir.path(), hosts),
+                None => dir.path().join("missing"),
+            };
+            let trust = Trust::new(None, None, path.clone(), gate.clone()).unwrap();
+            let err = connect(&trust, server, "localhost", None)
+                .await
+                .unwrap_err();
+            match &err {
+                TlsError::FirstContact {
+                    host,
+                    seen,
+                    trusted_hosts,
+                    ..
+                } => {
+                    assert_eq!(host, "localhost");
+                    assert_eq!(seen, &fp);
+                    assert_eq!(trusted_hosts, &gate);
+                }
+                other => panic!("{other}"),
+            }
+            let text = err.to_string();
+            assert!(text.contains(&format!("--fingerprint {fp}")), "{text}");
+            assert!(!path.exists(), "nothing recorded");
+            // remote test's read-only trust says the same.
+            let err = connect(&trust.without_recording(), server, "localhost", None)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, TlsError::FirstContact { .. }), "{err}");
+        }
+
+        // Pinned with --fingerprint: no list needed.
+        let pinned = Trust::new(None, Some(&fp), path.clone(), PathBuf::new()).unwrap();
+        connect(&pinned, server, "localhost", None).await.unwrap();
+
+        // Listed (by a wildcard, with the port): trusted and recorded.
+        let gate = trusted(dir.path(), &format!("# lab\nlocal*:{}\n", server.port()));
+        let trust = Trust::new(None, None, path.clone(), gate).unwrap();
+        connect(&trust, server, "localhost", None).await.unwrap();
+        assert!(std::fs::read_to_string(&path).unwrap().contains(&fp));
+
+        // Once recorded, the certificate is held to, listed or not.
+        let unlisted = Trust::new(None, None, path.clone(), dir.path().join("missing")).unwrap();
+        connect(&unlisted, server, "localhost", None).await.unwrap();
     }
 
     #[test]
