@@ -36,7 +36,8 @@ pub const NEW_SUFFIX: &str = ".remote-new";
 /// and `resolve` accept it (tested below).
 pub const CONFIG_TEXT: &str = r#"# remote-agent configuration, written by `remote-agent enable`.
 # Edit it freely: enable never overwrites a changed file (it writes its own version beside it
-# as agent.toml.remote-new). Restart the agent to apply changes: systemctl restart remote-agent
+# as agent.toml.remote-new). A running agent applies changes to [endpoints.*] by itself, to new
+# sessions and connections; other changes need a restart: systemctl restart remote-agent
 # Every setting and its default is described in the README ("Running the agent").
 
 # Host key, HTTPS certificate, accounts (`remote-agent user add`) and sessions live here.

@@ -95,6 +95,7 @@ pub fn list(path: &Path) -> Result<Endpoints, EditError> {
 /// A table of endpoints for people: name, who, what runs, quotas.
 pub fn render(endpoints: &Endpoints) -> String {
     let rows: Vec<[String; 4]> = endpoints
+        .all()
         .iter()
         .map(|e| {
             let runs = match &e.run {

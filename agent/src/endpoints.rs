@@ -5,11 +5,15 @@
 //!
 //! The built-in `default` endpoint admits admins only, as PowerShell's defaults admit only
 //! Administrators; the config file may redefine it (`[endpoints.default]`) and add others.
+//! The running agent re-reads the endpoints when the config file changes (`remote-agent
+//! endpoint add|set|rm`, or an edit): new sessions and channels get the new rules, those
+//! already open keep the ones they started with, and the use counters carry over by name.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -201,9 +205,16 @@ pub struct Endpoint {
     pub explicit_quotas: bool,
     pub timeouts: Timeouts,
     pub buffering: Option<Mode>,
-    /// Sessions and SSH channels using the endpoint now.
+    /// What uses the endpoint now (shared with its successor when the config is reloaded).
+    usage: Arc<Usage>,
+}
+
+/// What is using an endpoint now.
+#[derive(Debug, Default)]
+struct Usage {
+    /// Sessions and SSH channels.
     connections: AtomicUsize,
-    /// Commands running now, per account.
+    /// Running commands, per account.
     commands: Mutex<HashMap<String, usize>>,
 }
 
@@ -216,7 +227,10 @@ pub struct EndpointUse {
 
 impl Drop for EndpointUse {
     fn drop(&mut self) {
-        self.endpoint.connections.fetch_sub(1, Ordering::AcqRel);
+        self.endpoint
+            .usage
+            .connections
+            .fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -231,6 +245,7 @@ impl Drop for CommandSlot {
     fn drop(&mut self) {
         let mut map = self
             .endpoint
+            .usage
             .commands
             .lock()
             .unwrap_or_else(|p| p.into_inner());
@@ -366,8 +381,7 @@ impl Endpoint {
                 || file.max_input_mb_per_command.is_some(),
             timeouts: Timeouts { idle, operation },
             buffering,
-            connections: AtomicUsize::new(0),
-            commands: Mutex::new(HashMap::new()),
+            usage: Arc::default(),
         })
     }
 
@@ -375,6 +389,7 @@ impl Endpoint {
     pub fn connect(self: &Arc<Self>) -> Result<EndpointUse, EndpointError> {
         let limit = self.limits.max_connections;
         let taken = self
+            .usage
             .connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < limit).then_some(n + 1)
@@ -393,7 +408,11 @@ impl Endpoint {
     /// Count a command of `user` against `max_commands_per_user`, or refuse it.
     pub fn start_command(self: &Arc<Self>, user: &str) -> Result<CommandSlot, EndpointError> {
         let limit = self.limits.max_commands_per_user;
-        let mut map = self.commands.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self
+            .usage
+            .commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let n = map.entry(user.to_string()).or_insert(0);
         if *n >= limit {
             return Err(EndpointError::PerUser {
@@ -530,41 +549,132 @@ impl Endpoint {
     }
 }
 
-/// Every endpoint of the agent.
+/// Endpoints by name.
+type EndpointMap = BTreeMap<String, Arc<Endpoint>>;
+
+/// Every endpoint of the agent; clones share one set, which follows the config file when
+/// [`Endpoints::watching`] it.
 #[derive(Debug, Clone)]
 pub struct Endpoints {
-    map: BTreeMap<String, Arc<Endpoint>>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    map: RwLock<Arc<EndpointMap>>,
+    source: Option<Source>,
+}
+
+/// The config file the endpoints come from, and the identity of the copy last read.
+#[derive(Debug)]
+struct Source {
+    path: PathBuf,
+    stamp: Mutex<Option<Stamp>>,
+}
+
+/// A file's identity: inode, size, modification time (s, ns).
+type Stamp = (u64, u64, i64, i64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
 }
 
 impl Default for Endpoints {
     /// Just the built-in `default`.
     fn default() -> Self {
-        Endpoints::from_files(&BTreeMap::new()).unwrap_or_else(|_| Endpoints {
-            map: BTreeMap::new(),
-        })
+        Endpoints::from_files(&BTreeMap::new()).unwrap_or_else(|_| Endpoints::of(BTreeMap::new()))
     }
 }
 
 impl Endpoints {
     /// The endpoints of the config file, plus the built-in `default` unless it is redefined.
     pub fn from_files(files: &BTreeMap<String, EndpointFile>) -> Result<Endpoints, EndpointError> {
-        let mut map = BTreeMap::new();
-        if !files.contains_key(DEFAULT_ENDPOINT) {
-            let e = Endpoint::resolve(DEFAULT_ENDPOINT, &Endpoint::builtin_default())?;
-            map.insert(DEFAULT_ENDPOINT.to_string(), Arc::new(e));
-        }
-        for (name, file) in files {
-            map.insert(name.clone(), Arc::new(Endpoint::resolve(name, file)?));
-        }
-        Ok(Endpoints { map })
+        Ok(Endpoints::of(resolve_all(files, &BTreeMap::new())?))
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<Endpoint>> {
-        self.map.get(name)
+    fn of(map: EndpointMap) -> Endpoints {
+        Endpoints {
+            shared: Arc::new(Shared {
+                map: RwLock::new(Arc::new(map)),
+                source: None,
+            }),
+        }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
-        self.map.values()
+    /// The same endpoints, re-read from the config file at `path` whenever it changes (its
+    /// inode, size or modification time; checked when an endpoint is asked for). A file
+    /// that does not parse, or whose endpoints are invalid, keeps the endpoints read before
+    /// and is reported in the log; a file that is removed leaves only the built-in
+    /// `default`.
+    pub fn watching(self, path: PathBuf) -> Endpoints {
+        let map = self.current();
+        Endpoints {
+            shared: Arc::new(Shared {
+                map: RwLock::new(map),
+                source: Some(Source {
+                    stamp: Mutex::new(stamp(&path)),
+                    path,
+                }),
+            }),
+        }
+    }
+
+    /// The endpoints now, after re-reading the config file if it changed.
+    fn current(&self) -> Arc<EndpointMap> {
+        if let Some(source) = &self.shared.source {
+            self.refresh(source);
+        }
+        self.shared
+            .map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn refresh(&self, source: &Source) {
+        let now = stamp(&source.path);
+        {
+            let mut seen = source.stamp.lock().unwrap_or_else(|p| p.into_inner());
+            if *seen == now {
+                return;
+            }
+            // Remembered even if the file is bad, so that it is reported once per change.
+            *seen = now;
+        }
+        let files = if now.is_none() {
+            Ok(BTreeMap::new())
+        } else {
+            crate::config::FileConfig::load(&source.path)
+                .map(|f| f.endpoints)
+                .map_err(|e| e.to_string())
+        };
+        let mut map = self.shared.map.write().unwrap_or_else(|p| p.into_inner());
+        match files.and_then(|f| resolve_all(&f, &map).map_err(|e| e.to_string())) {
+            Ok(new) => {
+                let names: Vec<&str> = new.keys().map(String::as_str).collect();
+                tracing::info!(
+                    "endpoints re-read from {}: {} (other settings there apply at the next restart)",
+                    source.path.display(),
+                    names.join(", ")
+                );
+                *map = Arc::new(new);
+            }
+            Err(e) => tracing::error!(
+                "endpoints in {} not applied: {e}; keeping the endpoints read before (fix the file, or check it with remote-agent endpoint list)",
+                source.path.display()
+            ),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Endpoint>> {
+        self.current().get(name).cloned()
+    }
+
+    /// Every endpoint, by name.
+    pub fn all(&self) -> Vec<Arc<Endpoint>> {
+        self.current().values().cloned().collect()
     }
 
     /// The endpoint `requested` (empty: `default`) if `who` may use it.
@@ -573,10 +683,11 @@ impl Endpoints {
             "" => DEFAULT_ENDPOINT,
             n => n,
         };
-        let Some(e) = self.map.get(name) else {
+        let map = self.current();
+        let Some(e) = map.get(name) else {
             return Err(EndpointError::Unknown {
                 name: name.chars().take(64).collect(),
-                known: self.map.keys().cloned().collect::<Vec<_>>().join(", "),
+                known: map.keys().cloned().collect::<Vec<_>>().join(", "),
             });
         };
         if e.admits(who) {
@@ -589,6 +700,29 @@ impl Endpoints {
             })
         }
     }
+}
+
+/// Resolve every endpoint of `files` (and the built-in `default` unless redefined); an
+/// endpoint also in `before` takes over its use counters.
+fn resolve_all(
+    files: &BTreeMap<String, EndpointFile>,
+    before: &EndpointMap,
+) -> Result<EndpointMap, EndpointError> {
+    let builtin = (!files.contains_key(DEFAULT_ENDPOINT))
+        .then(|| (DEFAULT_ENDPOINT.to_string(), Endpoint::builtin_default()));
+    let mut map = BTreeMap::new();
+    for (name, file) in files
+        .iter()
+        .map(|(n, f)| (n.clone(), f.clone()))
+        .chain(builtin)
+    {
+        let mut e = Endpoint::resolve(&name, &file)?;
+        if let Some(old) = before.get(&name) {
+            e.usage = old.usage.clone();
+        }
+        map.insert(name, Arc::new(e));
+    }
+    Ok(map)
 }
 
 /// Endpoint names: what people type after `--endpoint`, and a path segment of a ResourceURI.
@@ -726,6 +860,69 @@ mod tests {
             admin,
             groups,
         }
+    }
+
+    /// Replace the file at `path` as `endpoint add|set|rm` do (a new file renamed over it).
+    fn replace(path: &Path, text: &str) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    #[test]
+    fn endpoints_follow_the_config_file_and_keep_their_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let ops = "[endpoints.ops]\nusers = [\"carol\"]\nmax_connections = 2\n";
+        replace(&path, ops);
+        let file = crate::config::FileConfig::load(&path).unwrap();
+        let endpoints = Endpoints::from_files(&file.endpoints)
+            .unwrap()
+            .watching(path.clone());
+        let shared = endpoints.clone();
+        let none: &[String] = &[];
+        let carol = caller("carol", false, none);
+        let dave = caller("dave", false, none);
+        let held = endpoints.admit("ops", carol).unwrap().connect().unwrap();
+        assert!(endpoints.admit("ops", dave).is_err());
+
+        // dave is added, the limit lowered to 1: the open connection still counts.
+        replace(
+            &path,
+            &ops.replace("[\"carol\"]", "[\"carol\", \"dave\"]")
+                .replace("= 2", "= 1"),
+        );
+        let e = shared
+            .admit("ops", dave)
+            .expect("dave admitted after the change");
+        assert_eq!(e.limits.max_connections, 1);
+        assert!(matches!(
+            e.connect(),
+            Err(EndpointError::Busy { limit: 1, .. })
+        ));
+        drop(held);
+        let again = e.connect().expect("free once the old connection closed");
+
+        // A broken file keeps what was read before.
+        replace(&path, "[endpoints.ops]\nrun = \"nonsense\"\n");
+        assert!(endpoints.admit("ops", dave).is_ok());
+        replace(&path, "this is not toml [");
+        assert!(endpoints.admit("ops", dave).is_ok());
+
+        // A new endpoint appears; a removed one is gone, and so is everything when the file is.
+        replace(&path, "[endpoints.web]\nusers = [\"dave\"]\n");
+        assert!(endpoints.admit("web", dave).is_ok());
+        assert!(matches!(
+            endpoints.admit("ops", dave),
+            Err(EndpointError::Unknown { .. })
+        ));
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            endpoints.admit("web", dave),
+            Err(EndpointError::Unknown { .. })
+        ));
+        assert!(endpoints.get(DEFAULT_ENDPOINT).is_some());
+        drop(again);
     }
 
     #[test]

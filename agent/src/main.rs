@@ -278,22 +278,21 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// The agent's config: the file (--config, or the default location if it exists) under the
+/// flags. Its endpoints follow later changes of that file (`endpoint add|set|rm`).
 fn load_config(state: &StateArgs, flags: &Overrides) -> Result<AgentConfig> {
-    let file = match &state.config {
-        Some(path) => FileConfig::load(path)?,
-        None => {
-            let default = paths::default_config_file();
-            if default.exists() {
-                FileConfig::load(&default)?
-            } else {
-                FileConfig::default()
-            }
-        }
+    let path = config_path(state);
+    let file = if state.config.is_some() || path.exists() {
+        FileConfig::load(&path)?
+    } else {
+        FileConfig::default()
     };
-    Ok(file.resolve(&Overrides {
+    let mut config = file.resolve(&Overrides {
         state_dir: state.state_dir.clone(),
         ..flags.clone()
-    })?)
+    })?;
+    config.sessions.endpoints = config.sessions.endpoints.clone().watching(path);
+    Ok(config)
 }
 
 fn state_dir(state: &StateArgs) -> Result<PathBuf> {
@@ -662,7 +661,7 @@ fn endpoint(cmd: EndpointCommand) -> Result<()> {
             let path = config_path(&state);
             ec::add(&path, &name, &settings)?;
             eprintln!(
-                "remote-agent: added endpoint '{name}' to {}; restart the agent to apply it",
+                "remote-agent: added endpoint '{name}' to {}; a running agent applies it to new sessions and connections",
                 path.display()
             );
         }
@@ -674,7 +673,7 @@ fn endpoint(cmd: EndpointCommand) -> Result<()> {
             let path = config_path(&state);
             ec::set(&path, &name, &settings)?;
             eprintln!(
-                "remote-agent: changed endpoint '{name}' in {}; restart the agent to apply it",
+                "remote-agent: changed endpoint '{name}' in {}; a running agent applies it to new sessions and connections",
                 path.display()
             );
         }
@@ -687,7 +686,7 @@ fn endpoint(cmd: EndpointCommand) -> Result<()> {
                 ""
             };
             eprintln!(
-                "remote-agent: removed endpoint '{name}' from {}{note}; restart the agent to apply it",
+                "remote-agent: removed endpoint '{name}' from {}{note}; a running agent applies it to new sessions and connections",
                 path.display()
             );
         }

@@ -511,7 +511,7 @@ fn endpoint_commands_edit_the_config_file() {
     let out = agent_cmd(&["add", "jea", "users=carol", "commands=uptime,df"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("restart the agent"),
+        stderr(&out).contains("a running agent applies it to new sessions and connections"),
         "{}",
         stderr(&out)
     );
@@ -539,6 +539,73 @@ fn endpoint_commands_edit_the_config_file() {
         std::fs::read_to_string(&config)
             .unwrap()
             .starts_with("# mine\n[ssh]\n")
+    );
+}
+
+#[test]
+fn a_running_agent_applies_endpoint_changes_without_a_restart() {
+    let (mut agent, key) = agent(&[]);
+    let config = agent.dir.path().join("agent.toml");
+    let endpoint = |args: &[&str]| {
+        let mut cmd = Command::new(bin("remote-agent"));
+        cmd.arg("endpoint").args(args).arg("--config").arg(&config);
+        let out = run(&mut cmd);
+        assert!(out.status.success(), "endpoint {args:?}: {}", stderr(&out));
+    };
+    let carol_on_jea =
+        |agent: &Agent, command: &str| run(ssh(agent, "carol", &key, Some("jea")).arg(command));
+
+    let out = carol_on_jea(&agent, "uptime");
+    assert!(
+        stderr(&out).contains("no endpoint 'jea' on this agent"),
+        "{}",
+        stderr(&out)
+    );
+    endpoint(&["add", "jea", "users=carol", "commands=uptime"]);
+    let out = carol_on_jea(&agent, "uptime");
+    assert!(out.status.success(), "after add: {}", stderr(&out));
+    let out = carol_on_jea(&agent, "df");
+    assert!(
+        stderr(&out).contains("endpoint 'jea' does not allow 'df'"),
+        "{}",
+        stderr(&out)
+    );
+    endpoint(&["set", "jea", "commands=uptime,df"]);
+    let out = carol_on_jea(&agent, "df");
+    assert!(out.status.success(), "after set: {}", stderr(&out));
+    // An edit that breaks the file is not applied: the last good endpoints stay.
+    let good = std::fs::read_to_string(&config).unwrap();
+    let broken = config.with_extension("broken");
+    std::fs::write(
+        &broken,
+        format!("{good}\n[endpoints.bad]\nrun = \"nonsense\"\n"),
+    )
+    .unwrap();
+    std::fs::rename(&broken, &config).unwrap();
+    let out = carol_on_jea(&agent, "df");
+    assert!(
+        out.status.success(),
+        "after a broken edit: {}",
+        stderr(&out)
+    );
+    assert!(
+        agent.wait_log("endpoints in", T) && agent.log().contains("not applied"),
+        "{}",
+        agent.log()
+    );
+    std::fs::write(&broken, good).unwrap();
+    std::fs::rename(&broken, &config).unwrap();
+    endpoint(&["rm", "jea"]);
+    let out = carol_on_jea(&agent, "uptime");
+    assert!(
+        stderr(&out).contains("no endpoint 'jea' on this agent"),
+        "after rm: {}",
+        stderr(&out)
+    );
+    assert!(
+        agent.log().contains("endpoints re-read from"),
+        "{}",
+        agent.log()
     );
 }
 
