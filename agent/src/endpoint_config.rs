@@ -42,6 +42,7 @@ const NUMBERS: &[&str] = &[
     "max_connections",
     "idle_timeout_secs",
     "operation_timeout_secs",
+    "open_timeout_secs",
 ];
 const TEXTS: &[&str] = &["run", "run_as", "workdir", "buffering"];
 

@@ -41,6 +41,7 @@ const DEFAULT_MAX_INPUT_MB: u64 = 10;
 const DEFAULT_MAX_SESSIONS_PER_USER: usize = 64;
 const DEFAULT_MAX_COMMANDS_PER_USER: usize = 64;
 const DEFAULT_MAX_CONNECTIONS: usize = 256;
+const DEFAULT_OPEN_SECS: u64 = 60;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum EndpointError {
@@ -80,6 +81,16 @@ pub enum EndpointError {
         "operation timeout: endpoint '{endpoint}' stops commands after {secs} s (operation_timeout_secs)"
     )]
     OperationTimeout { endpoint: String, secs: u64 },
+    #[error(
+        "open timeout: opening a session on endpoint '{endpoint}' took longer than {secs} s ({whose}); nothing was opened. \
+         The host may be slow to look up accounts or to start processes: try again, and if it persists ask an admin to check the agent's log"
+    )]
+    OpenTimeout {
+        endpoint: String,
+        secs: u64,
+        /// Whose limit: the endpoint's setting or the client's option.
+        whose: String,
+    },
     #[error(
         "quota exceeded: endpoint '{endpoint}' allows {limit} {what} per user ({setting}); close some first"
     )]
@@ -138,6 +149,9 @@ pub struct EndpointFile {
     pub idle_timeout_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation_timeout_secs: Option<u64>,
+    /// How long opening a session may take on the agent (default 60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_timeout_secs: Option<u64>,
     /// `block`, `drop` or `spill` (default: the agent's `[sessions] buffering`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buffering: Option<String>,
@@ -186,6 +200,9 @@ pub struct Timeouts {
     pub idle: Option<Duration>,
     /// A command running longer than this is stopped (none by default).
     pub operation: Option<Duration>,
+    /// Opening a session (account lookups, its state directory, starting its shell) may
+    /// take this long on the agent.
+    pub open: Duration,
 }
 
 /// A resolved endpoint, with what is using it now (for `max_connections` and
@@ -335,6 +352,9 @@ impl Endpoint {
         let idle = positive(file.idle_timeout_secs, "idle_timeout_secs")?.map(Duration::from_secs);
         let operation = positive(file.operation_timeout_secs, "operation_timeout_secs")?
             .map(Duration::from_secs);
+        let open = Duration::from_secs(
+            positive(file.open_timeout_secs, "open_timeout_secs")?.unwrap_or(DEFAULT_OPEN_SECS),
+        );
         let received = positive(
             file.max_received_mb_per_command,
             "max_received_mb_per_command",
@@ -379,7 +399,11 @@ impl Endpoint {
             },
             explicit_quotas: file.max_received_mb_per_command.is_some()
                 || file.max_input_mb_per_command.is_some(),
-            timeouts: Timeouts { idle, operation },
+            timeouts: Timeouts {
+                idle,
+                operation,
+                open,
+            },
             buffering,
             usage: Arc::default(),
         })
@@ -427,6 +451,21 @@ impl Endpoint {
             endpoint: self.clone(),
             user: user.to_string(),
         })
+    }
+
+    /// How long opening a session may take: the shorter of this endpoint's open timeout and
+    /// the client's (`client`), with the error that says whose limit it was.
+    pub fn open_limit(&self, client: Option<Duration>) -> (Duration, EndpointError) {
+        let (limit, whose) = match client {
+            Some(c) if c < self.timeouts.open => (c, "the client's open timeout"),
+            _ => (self.timeouts.open, "open_timeout_secs"),
+        };
+        let error = EndpointError::OpenTimeout {
+            endpoint: self.name.clone(),
+            secs: limit.as_secs(),
+            whose: whose.to_string(),
+        };
+        (limit, error)
     }
 
     /// The built-in `default`: admins, the account's shell, default quotas.
@@ -867,6 +906,42 @@ mod tests {
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, text).unwrap();
         std::fs::rename(&tmp, path).unwrap();
+    }
+
+    #[test]
+    fn the_open_timeout_is_the_shorter_of_the_endpoints_and_the_clients() {
+        let e = restricted();
+        assert_eq!(e.timeouts.open, Duration::from_secs(60));
+        let (limit, err) = e.open_limit(None);
+        assert_eq!(limit, Duration::from_secs(60));
+        assert!(
+            err.to_string()
+                .contains("longer than 60 s (open_timeout_secs)"),
+            "{err}"
+        );
+        let (limit, err) = e.open_limit(Some(Duration::from_secs(5)));
+        assert_eq!(limit, Duration::from_secs(5));
+        assert!(
+            err.to_string()
+                .contains("endpoint 'restricted' took longer than 5 s (the client's open timeout)"),
+            "{err}"
+        );
+        let (limit, _) = e.open_limit(Some(Duration::from_secs(600)));
+        assert_eq!(limit, Duration::from_secs(60));
+        let file = EndpointFile {
+            open_timeout_secs: Some(3),
+            ..Default::default()
+        };
+        let e = Endpoint::resolve("quick", &file).unwrap();
+        assert_eq!(
+            e.open_limit(Some(Duration::from_secs(10))).0,
+            Duration::from_secs(3)
+        );
+        let zero = EndpointFile {
+            open_timeout_secs: Some(0),
+            ..Default::default()
+        };
+        assert!(Endpoint::resolve("zero", &zero).is_err());
     }
 
     #[test]

@@ -175,7 +175,9 @@ impl Conn {
             | SessionError::Invalid(_) => (ErrorCode::ErrorInvalidRequest, ""),
             SessionError::Quota { .. } => (ErrorCode::ErrorQuota, ""),
             SessionError::Endpoint(e) => (endpoint_code(e), ""),
-            SessionError::Process(_) | SessionError::StateDir { .. } => {
+            SessionError::Process(_)
+            | SessionError::StateDir { .. }
+            | SessionError::Internal(_) => {
                 (ErrorCode::ErrorInternal, "see the agent's log for details")
             }
         };
@@ -402,6 +404,8 @@ impl Conn {
             },
             start: Default::default(),
             max_running: None,
+            open_timeout: (req.open_timeout_secs > 0)
+                .then(|| std::time::Duration::from_secs(req.open_timeout_secs)),
         };
         match self.host.open(&self.who, open).await {
             Ok(session) => {
@@ -548,5 +552,6 @@ fn endpoint_code(e: &EndpointError) -> ErrorCode {
         | EndpointError::Busy { .. }
         | EndpointError::PerUser { .. } => ErrorCode::ErrorQuota,
         EndpointError::Invalid { .. } => ErrorCode::ErrorInternal,
+        EndpointError::OpenTimeout { .. } => ErrorCode::ErrorUnavailable,
     }
 }

@@ -194,7 +194,8 @@ struct SessionNewArgs {
     /// endpoint's max_received_mb_per_command wins).
     #[arg(long, value_name = "MB")]
     max_received_mb: Option<u64>,
-    /// Give up when connecting and opening the session take longer than this.
+    /// Give up when connecting and opening the session take longer than this; the agent
+    /// also gives up opening it after this long (or its endpoint's open_timeout_secs).
     #[arg(long, value_name = "SECS")]
     open_timeout: Option<u64>,
 }
@@ -483,6 +484,7 @@ async fn session_command(global: &GlobalArgs, cmd: SessionCommand) -> Result<i32
                 attach: false,
                 operation_timeout_secs: options.operation_timeout_secs.unwrap_or(0),
                 max_received_mb_per_command: options.max_received_mb_per_command.unwrap_or(0),
+                open_timeout_secs: options.open_timeout_secs.unwrap_or(0),
             };
             let spec = target.spec.clone();
             let opening = with_session(global, &target, "session new", None, async |ch| {

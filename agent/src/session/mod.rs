@@ -127,6 +127,10 @@ pub enum SessionError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "opening the session failed inside the agent ({0}); this is a bug: please report it with the agent's log"
+    )]
+    Internal(String),
 }
 
 /// What a client asks for when opening a session.
@@ -146,6 +150,8 @@ pub struct OpenRequest {
     pub start: commands::StartState,
     /// Commands shape: commands running at once (default and ceiling: the host's limit).
     pub max_running: Option<usize>,
+    /// The client's open timeout; the shorter of it and the endpoint's applies.
+    pub open_timeout: Option<Duration>,
 }
 
 enum Kind {
@@ -388,41 +394,24 @@ pub struct SessionHost {
     defaults: SessionDefaults,
     /// Where session, command and refusal events go (crate::audit).
     audit: Audit,
-    /// Where commands-shape sessions keep their carried-over state (one directory each).
-    state_root: std::path::PathBuf,
-    /// UIDs whose directory in `state_root` exists.
-    user_roots: Mutex<std::collections::HashSet<u32>>,
+    /// Where commands-shape sessions keep their carried-over state.
+    user_roots: UserRoots,
 }
 
-impl SessionHost {
-    pub fn new(defaults: SessionDefaults, state_root: std::path::PathBuf) -> Arc<SessionHost> {
-        SessionHost::with_audit(defaults, state_root, Audit::disabled())
-    }
+/// `state_root/u<UID>`: where the commands-shape sessions of one OS user keep their state
+/// (one directory each), owned by that user so their commands can make their session's
+/// directory; each made once.
+#[derive(Clone)]
+struct UserRoots {
+    root: std::path::PathBuf,
+    /// UIDs whose directory exists.
+    made: Arc<Mutex<std::collections::HashSet<u32>>>,
+}
 
-    /// A host whose events go to `audit`.
-    pub fn with_audit(
-        defaults: SessionDefaults,
-        state_root: std::path::PathBuf,
-        audit: Audit,
-    ) -> Arc<SessionHost> {
-        Arc::new(SessionHost {
-            sessions: Mutex::new(HashMap::new()),
-            defaults,
-            audit,
-            state_root,
-            user_roots: Mutex::new(std::collections::HashSet::new()),
-        })
-    }
-
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// `state_root/u<UID>`: where sessions of one OS user keep their state, owned by that
-    /// user (so their commands can make their session's directory), made once.
-    fn user_state_root(&self, identity: &Identity) -> Result<std::path::PathBuf, SessionError> {
-        let dir = self.state_root.join(format!("u{}", identity.uid));
-        let mut made = self.user_roots.lock().unwrap_or_else(|p| p.into_inner());
+impl UserRoots {
+    fn get(&self, identity: &Identity) -> Result<std::path::PathBuf, SessionError> {
+        let dir = self.root.join(format!("u{}", identity.uid));
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
         if made.contains(&identity.uid.as_raw()) && dir.is_dir() {
             return Ok(dir);
         }
@@ -443,6 +432,50 @@ impl SessionHost {
         }
         made.insert(identity.uid.as_raw());
         Ok(dir)
+    }
+}
+
+/// Run `work` (blocking: account lookups, directories, starting processes) on a blocking
+/// thread, giving up after `limit` with `timeout`. Work that finishes after that is dropped
+/// (a shell it started loses its terminal and exits).
+async fn within<T: Send + 'static>(
+    limit: Duration,
+    timeout: EndpointError,
+    work: impl FnOnce() -> Result<T, SessionError> + Send + 'static,
+) -> Result<T, SessionError> {
+    match tokio::time::timeout(limit, tokio::task::spawn_blocking(work)).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(SessionError::Internal(format!(
+            "opening the session failed: {e}"
+        ))),
+        Err(_) => Err(timeout.into()),
+    }
+}
+
+impl SessionHost {
+    pub fn new(defaults: SessionDefaults, state_root: std::path::PathBuf) -> Arc<SessionHost> {
+        SessionHost::with_audit(defaults, state_root, Audit::disabled())
+    }
+
+    /// A host whose events go to `audit`.
+    pub fn with_audit(
+        defaults: SessionDefaults,
+        state_root: std::path::PathBuf,
+        audit: Audit,
+    ) -> Arc<SessionHost> {
+        Arc::new(SessionHost {
+            sessions: Mutex::new(HashMap::new()),
+            defaults,
+            audit,
+            user_roots: UserRoots {
+                root: state_root,
+                made: Arc::default(),
+            },
+        })
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn defaults(&self) -> &SessionDefaults {
@@ -519,7 +552,6 @@ impl SessionHost {
             .into());
         }
         let connection = endpoint.connect()?;
-        let identity = endpoint_identity(&who.name, &who.identity, &endpoint)?;
         let id = new_id();
         let journal_bytes = req
             .journal_bytes
@@ -531,49 +563,64 @@ impl SessionHost {
             None => self.defaults.buffering,
         };
         let journal = Arc::new(Journal::new(journal_bytes, buffering));
-        let kind = match req.shape {
-            Shape::Terminal => {
-                endpoint.interactive()?;
-                Kind::Terminal(terminal::Terminal::start(
-                    &identity,
-                    &req.terminal,
-                    &endpoint.env,
-                    endpoint.workdir.clone(),
-                )?)
-            }
-            Shape::Commands | Shape::Unspecified => {
-                let dir = self.user_state_root(&identity)?.join(&id);
-                let max_running = req
-                    .max_running
-                    .unwrap_or(self.defaults.max_running_commands)
-                    .clamp(1, self.defaults.max_running_commands.max(1));
-                let mut start = req.start.clone();
-                let mut env = endpoint.env.clone();
-                env.append(&mut start.env);
-                start.env = env;
-                if start.cwd.is_none() {
-                    start.cwd = endpoint.workdir.clone();
-                }
-                Kind::Commands(commands::Commands::new(
-                    identity,
-                    dir,
-                    max_running,
-                    &start,
-                    endpoint.clone(),
-                    commands::CommandLimits::new(
-                        &endpoint,
-                        req.max_received_mb,
-                        req.operation_timeout,
-                    ),
-                    commands::Audited {
-                        audit: self.audit.clone(),
-                        session: id.clone(),
-                        account: who.name.clone(),
-                        transport: Transport::from_label(who.transport),
-                    },
-                )?)
+        // What may block (account lookups for run_as, the state directory, starting the
+        // shell) runs within the open timeout.
+        let (limit, timed_out) = endpoint.open_limit(req.open_timeout);
+        let start = {
+            let (endpoint, req, id) = (endpoint.clone(), req.clone(), id.clone());
+            let (account, identity) = (who.name.clone(), who.identity.clone());
+            let roots = self.user_roots.clone();
+            let max_running_here = self.defaults.max_running_commands;
+            let audited = commands::Audited {
+                audit: self.audit.clone(),
+                session: id.clone(),
+                account: who.name.clone(),
+                transport: Transport::from_label(who.transport),
+            };
+            move || -> Result<Kind, SessionError> {
+                let identity = endpoint_identity(&account, &identity, &endpoint)?;
+                Ok(match req.shape {
+                    Shape::Terminal => {
+                        endpoint.interactive()?;
+                        Kind::Terminal(terminal::Terminal::start(
+                            &identity,
+                            &req.terminal,
+                            &endpoint.env,
+                            endpoint.workdir.clone(),
+                        )?)
+                    }
+                    Shape::Commands | Shape::Unspecified => {
+                        let dir = roots.get(&identity)?.join(&id);
+                        let max_running = req
+                            .max_running
+                            .unwrap_or(max_running_here)
+                            .clamp(1, max_running_here.max(1));
+                        let mut start = req.start.clone();
+                        let mut env = endpoint.env.clone();
+                        env.append(&mut start.env);
+                        start.env = env;
+                        if start.cwd.is_none() {
+                            start.cwd = endpoint.workdir.clone();
+                        }
+                        let limits = commands::CommandLimits::new(
+                            &endpoint,
+                            req.max_received_mb,
+                            req.operation_timeout,
+                        );
+                        Kind::Commands(commands::Commands::new(
+                            identity,
+                            dir,
+                            max_running,
+                            &start,
+                            endpoint.clone(),
+                            limits,
+                            audited,
+                        )?)
+                    }
+                })
             }
         };
+        let kind = within(limit, timed_out, start).await?;
         let name = if req.name.is_empty() {
             id.clone()
         } else {
@@ -728,4 +775,61 @@ pub fn parse_signal(name: &str) -> Option<nix::sys::signal::Signal> {
         "WINCH" => SIGWINCH,
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn timed_out() -> EndpointError {
+        EndpointError::OpenTimeout {
+            endpoint: "slow".into(),
+            secs: 0,
+            whose: "open_timeout_secs".into(),
+        }
+    }
+
+    /// Sets its flag when dropped.
+    struct Made(Arc<AtomicBool>);
+    impl Drop for Made {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn opening_gives_up_at_the_open_timeout_and_drops_what_comes_late() {
+        let fast = within(Duration::from_secs(5), timed_out(), || Ok(7)).await;
+        assert_eq!(fast.unwrap(), 7);
+
+        let dropped = Arc::new(AtomicBool::new(false));
+        let flag = dropped.clone();
+        let began = Instant::now();
+        let slow = within(Duration::from_millis(100), timed_out(), move || {
+            std::thread::sleep(Duration::from_millis(600));
+            Ok(Made(flag))
+        })
+        .await;
+        assert!(began.elapsed() < Duration::from_millis(500));
+        match slow {
+            Err(SessionError::Endpoint(EndpointError::OpenTimeout { endpoint, .. })) => {
+                assert_eq!(endpoint, "slow")
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        // What the slow work made is dropped when it finishes.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !dropped.load(Ordering::SeqCst) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(dropped.load(Ordering::SeqCst));
+
+        // Errors of the work itself come through as they are.
+        let failed: Result<(), _> = within(Duration::from_secs(5), timed_out(), || {
+            Err(SessionError::Invalid("nope".into()))
+        })
+        .await;
+        assert!(matches!(failed, Err(SessionError::Invalid(_))));
+    }
 }

@@ -359,6 +359,11 @@ impl Shells {
                     },
                     start,
                     max_running: Some(self.settings.max_commands_per_shell),
+                    // The client waits OperationTimeout for the answer.
+                    open_timeout: req
+                        .header
+                        .operation_timeout
+                        .map(|t| t.saturating_sub(DEADLINE_MARGIN).max(DEADLINE_MARGIN)),
                 },
             )
             .await
@@ -579,6 +584,7 @@ fn endpoint_fault(e: &EndpointError) -> Fault {
         | EndpointError::Busy { .. }
         | EndpointError::PerUser { .. } => Fault::quota_operations().with_reason(e.to_string()),
         EndpointError::Invalid { .. } => Fault::internal_error(1359, e.to_string()),
+        EndpointError::OpenTimeout { .. } => Fault::timed_out().with_reason(e.to_string()),
         EndpointError::Unknown { .. }
         | EndpointError::AccessDenied { .. }
         | EndpointError::CommandRefused { .. }
