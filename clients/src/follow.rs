@@ -2,7 +2,10 @@
 //! exit), `remote attach` (a whole session, live, with keystrokes for a terminal session) and
 //! `remote receive` (what was produced since the last acknowledgement, then stop). Each
 //! record is written to stdout or stderr first and acknowledged after, so a client that dies
-//! makes the next one resume exactly where this one's output ended.
+//! makes the next one resume exactly where this one's output ended. The one exception is a
+//! client killed (SIGKILL) after writing a record and before its acknowledgement reached the
+//! socket: the next client shows that record again. Nothing is ever lost; acknowledging
+//! first would turn that repeat into a loss.
 //!
 //! Detach from `attach` with Enter, `~`, `.` (like ssh's escape), or Ctrl+C on a commands
 //! session; the session keeps running.
