@@ -337,7 +337,8 @@ async fn serve_tunnel(
                     .map(|l| (l.seq, l.line))
                     .collect();
                 let log: String = batch.log_id.chars().take(64).collect();
-                if let Err(e) = store.append_audit(&agent, &log, &lines).await {
+                let keep = shared.audit_keep_lines;
+                if let Err(e) = store.append_audit(&agent, &log, &lines, keep).await {
                     // Not stored: the agent resends from the relay's position on reconnect.
                     break format!("audit lines not stored: {e}");
                 }

@@ -75,6 +75,9 @@ struct RunArgs {
     /// Name in the generated certificate (default: the host name).
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
+    /// Audit lines kept per agent (its newest; older ones are deleted as new ones arrive).
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    audit_keep_lines: u64,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -216,6 +219,7 @@ async fn run(args: RunArgs) -> Result<()> {
         registry: Default::default(),
         fingerprint: identity.fingerprint.clone(),
         shutdown: shutdown.clone(),
+        audit_keep_lines: args.audit_keep_lines,
     });
     let server = RelayServerHandle::bind(
         Settings {

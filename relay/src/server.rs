@@ -52,6 +52,8 @@ pub struct Shared {
     /// The relay certificate's fingerprint (given to agents at enrolment).
     pub fingerprint: String,
     pub shutdown: CancellationToken,
+    /// Audit lines kept per agent's log (the newest; older ones are deleted).
+    pub audit_keep_lines: u64,
 }
 
 /// Settings of `remote-relay run`.

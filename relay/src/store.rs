@@ -1379,17 +1379,20 @@ impl Store {
 
     // ---- audit ----------------------------------------------------------------------------
 
-    /// Store lines of `agent`'s audit log `log_id`, each once (a resend is ignored).
+    /// Store lines of `agent`'s audit log `log_id`, each once (a resend is ignored), and keep
+    /// at most the newest `keep` lines of that log (at least the newest one is always kept,
+    /// so the log's position survives).
     pub async fn append_audit(
         &self,
         agent: &str,
         log_id: &str,
         lines: &[(u64, String)],
+        keep: u64,
     ) -> Result<()> {
         let what = "storing audit lines";
-        if lines.is_empty() {
+        let Some(newest) = lines.iter().map(|(seq, _)| *seq).max() else {
             return Ok(());
-        }
+        };
         let mut tx = self.write_tx().await.map_err(db(what))?;
         for (seq, line) in lines {
             sqlx::query(
@@ -1403,6 +1406,18 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(db(what))?;
+        }
+        // Lines are numbered without gaps: everything at or below this is older than the
+        // newest `keep`.
+        let below = newest.saturating_sub(keep.max(1));
+        if below > 0 {
+            sqlx::query("DELETE FROM audit WHERE agent = $1 AND log_id = $2 AND seq <= $3")
+                .bind(agent)
+                .bind(log_id)
+                .bind(to_i64(below, "audit seq")?)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("dropping audit lines past retention"))?;
         }
         tx.commit().await.map_err(db(what))?;
         Ok(())
@@ -2131,6 +2146,38 @@ mod tests {
         assert!(s.read_records("s1", 0, 1 << 20).await.unwrap().is_empty());
     }
 
+    async fn audit_retention(s: &Store) {
+        let lines = |from: u64, to: u64| -> Vec<(u64, String)> {
+            (from..=to)
+                .map(|i| (i, format!("{{\"seq\":{i}}}")))
+                .collect()
+        };
+        s.append_audit("a1", "log", &lines(1, 5), 3).await.unwrap();
+        let kept = |rows: Vec<(String, String)>| -> Vec<String> {
+            rows.into_iter().map(|(_, l)| l).collect()
+        };
+        assert_eq!(
+            kept(s.audit_lines(Some("a1"), 100).await.unwrap()),
+            vec!["{\"seq\":3}", "{\"seq\":4}", "{\"seq\":5}"]
+        );
+        // A resend of trimmed lines is not kept either; the position is the newest line.
+        s.append_audit("a1", "log", &lines(1, 2), 3).await.unwrap();
+        s.append_audit("a1", "log", &lines(6, 6), 3).await.unwrap();
+        assert_eq!(
+            kept(s.audit_lines(Some("a1"), 100).await.unwrap()),
+            vec!["{\"seq\":4}", "{\"seq\":5}", "{\"seq\":6}"]
+        );
+        assert_eq!(s.audit_seq("a1", "log").await.unwrap(), 6);
+        // Other agents and logs are counted apart; keep 0 still keeps the newest line.
+        s.append_audit("a2", "log", &lines(1, 4), 0).await.unwrap();
+        assert_eq!(
+            kept(s.audit_lines(Some("a2"), 100).await.unwrap()),
+            vec!["{\"seq\":4}"]
+        );
+        assert_eq!(s.audit_seq("a2", "log").await.unwrap(), 4);
+        assert_eq!(s.audit_lines(Some("a1"), 100).await.unwrap().len(), 3);
+    }
+
     async fn records(s: &Store) {
         let batch: Vec<RecordRow> = (1..=10)
             .map(|i| rec(i, format!("line {i}\n").as_bytes()))
@@ -2262,6 +2309,7 @@ mod tests {
             users,
             sessions,
             records,
+            audit_retention,
         );
         pub(super) const NAMES: &[&str] = ALL;
         pub(super) async fn run(name: &str, s: &Store) {
@@ -2363,6 +2411,7 @@ mod tests {
             users,
             sessions,
             records,
+            audit_retention,
         );
     }
 
