@@ -223,6 +223,43 @@ fn a_restricted_endpoint_runs_only_its_commands_over_ssh_winrm_and_the_relay() {
         );
     }
 
+    // pypsrp, the endpoint named in the shell's ResourceURI (…/shell/cmd/NAME).
+    let cmd_uri = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/cmd";
+    let psrp = |uri: &str, commands: Value| {
+        py1(json!({
+            "op": "psrp_shell_cmds", "port": agent.winrm_https.expect("https").port(),
+            "ssl": true, "auth": "basic", "user": "carol", "password": PW,
+            "resource_uri": uri, "commands": commands,
+        }))
+    };
+    let r = psrp(
+        &format!("{cmd_uri}/restricted"),
+        json!([["df", ["-h"]], [format!("df; {touch}"), []]]),
+    );
+    let results = ok(&r)["results"].as_array().expect("results").clone();
+    assert_eq!(results[0]["status"], 0, "{r:#}");
+    assert!(
+        results[0]["stdout"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Filesystem"),
+        "{r:#}"
+    );
+    let refused = results[1]["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        refused.contains("endpoint 'restricted' does not allow"),
+        "{r:#}"
+    );
+    let r = psrp(cmd_uri, json!([["uptime", []]]));
+    let denied = r["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        denied.contains("access denied: user 'carol' may not use endpoint 'default'"),
+        "{r:#}"
+    );
+    let r = psrp(&format!("{cmd_uri}/no/such"), json!([["uptime", []]]));
+    let unknown = r["error"]["message"].as_str().unwrap_or("");
+    assert!(unknown.contains("names no valid endpoint"), "{r:#}");
+
     // The relay.
     let client = Client::new();
     let carol = relay.add_user("carol");

@@ -434,6 +434,29 @@ def op_psrp_cmd(c):
     return {"stdout": out, "stderr": errout, "status": rc}
 
 
+def op_psrp_shell_cmds(c):
+    """pypsrp WinRS on `resource_uri` (default the cmd shell; `.../shell/cmd/NAME` is the cmd
+    shell of endpoint NAME), then each of `commands` ([command, args]) with its output or its
+    error, then close."""
+    from pypsrp.shell import Process, WinRS
+
+    shell = WinRS(psrp_wsman(c), resource_uri=c.get("resource_uri", CMD_URI))
+    try:
+        shell.open()
+    except Exception as e:
+        return {"error": err(e)}
+    results = []
+    for command, args in c["commands"]:
+        try:
+            proc = Process(shell, command, args)
+            proc.invoke()
+            results.append({"stdout": text(proc.stdout), "stderr": text(proc.stderr), "status": proc.rc})
+        except Exception as e:
+            results.append({"error": err(e)})
+    shell.close()
+    return {"results": results}
+
+
 def op_psrp_process(c):
     """WinRS + Process with a short OperationTimeout: a command slower than it, one with
     per-argument Arguments and stdin, polls with an explicit timeout, and ctrl_c stopping a

@@ -252,7 +252,19 @@ impl Shells {
         ctx: &RequestContext,
     ) -> Result<String, Fault> {
         let uri = req.header.resource_uri.as_deref().unwrap_or_default();
-        if !uri.eq_ignore_ascii_case(soap::RESOURCE_CMD) {
+        // The cmd shell, or the cmd shell of endpoint NAME as `…/shell/cmd/NAME` (as a
+        // PowerShell endpoint is named in its ResourceURI).
+        let named = uri
+            .get(..soap::RESOURCE_CMD.len())
+            .filter(|head| head.eq_ignore_ascii_case(soap::RESOURCE_CMD))
+            .and_then(|_| uri[soap::RESOURCE_CMD.len()..].strip_prefix('/'));
+        if let Some(name) = named {
+            crate::endpoints::validate_name(name).map_err(|why| {
+                Fault::destination_unreachable(uri).with_reason(format!(
+                    "the ResourceURI {uri} names no valid endpoint: {why}"
+                ))
+            })?;
+        } else if !uri.eq_ignore_ascii_case(soap::RESOURCE_CMD) {
             return Err(if uri.starts_with(soap::NS_POWERSHELL) {
                 Fault::destination_unreachable(uri).with_reason(format!(
                     "PowerShell remoting (PSRP, resource {uri}) is not served by this agent; use the cmd shell resource {}",
@@ -303,9 +315,10 @@ impl Shells {
             .idle_timeout
             .map(|d| d.clamp(Duration::from_secs(1), self.settings.idle_timeout))
             .unwrap_or(self.settings.idle_timeout);
-        // The endpoint: option REMOTE_ENDPOINT, or the variable of that name in the shell's
-        // environment (what pywinrm's open_shell(env_vars=…) can send); default `default`.
-        let endpoint = req
+        // The endpoint: named in the ResourceURI, else option REMOTE_ENDPOINT, else the
+        // variable of that name in the shell's environment (what pywinrm's
+        // open_shell(env_vars=…) can send); default `default`. Two that differ are refused.
+        let asked = req
             .header
             .option(ENDPOINT_ENV)
             .map(str::to_string)
@@ -315,8 +328,17 @@ impl Shells {
                     .iter()
                     .find(|(k, _)| k == ENDPOINT_ENV)
                     .map(|(_, v)| v.clone())
-            })
-            .unwrap_or_default();
+            });
+        let endpoint = match (named, asked) {
+            (Some(n), Some(a)) if n != a.trim() => {
+                return Err(Fault::invalid_options(ENDPOINT_ENV).with_reason(format!(
+                    "the ResourceURI names endpoint '{n}' but {ENDPOINT_ENV} says '{}': give one of them",
+                    a.chars().take(64).collect::<String>()
+                )));
+            }
+            (Some(n), _) => n.to_string(),
+            (None, a) => a.unwrap_or_default(),
+        };
         // The wrapper's own variables are not the client's to set.
         let env = create
             .environment
