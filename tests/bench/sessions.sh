@@ -117,11 +117,16 @@ KEY="$T/client_key"
 
 # max_startups 300: the fan-out opens up to 32 (BENCH_THROTTLE) connections at once from
 # either tool; neither may be refused. journal_mb stays the default; the replay session asks
-# for its own size with --journal-mb.
+# for its own size with --journal-mb. The default endpoint (admins) lets a command print
+# 2 GiB instead of its default 50 MB, or the replay's 1 GiB command would be stopped at 50 MB.
 cat >"$T/agent.toml" <<EOF
 [ssh]
 max_startups = 300
 max_connections = 4096
+
+[endpoints.default]
+groups = ["admins"]
+max_received_mb_per_command = 2048
 EOF
 mkdir -m 700 "$T/agent-state"
 "$AGENT_BIN" user add "$ACCOUNT" --admin --authorized-key "$KEY.pub" --run-as "$OS_USER" \
@@ -337,17 +342,15 @@ for ((run = 1; run <= REPLAY_RUNS; run++)); do
         replay_stalled=$((replay_stalled + 1))
         echo "run $run: STALLED: no progress for ${STALL_SECS} s after writing $wrote of $REPLAY_BYTES bytes (killed after $secs s); $cpu_note" >>"$T/replay-runs"
         note "replay run $run: \`remote receive\` stopped making progress after writing $wrote of $REPLAY_BYTES bytes; killed after $secs s (the last ${STALL_SECS} s without progress). stderr: $(tail -2 "$T/receive.err" | tr '\n' ' ')"
-    elif ((rc != 0)); then
+    elif ((rc != 0)) || ((wrote < REPLAY_BYTES || wrote >= REPLAY_BYTES + 65536)); then
+        # A short (or long) output is a failed run, never a rate: the rate is of all the bytes.
         replay_failed=$((replay_failed + 1))
-        echo "run $run: FAILED: exit $rc after writing $wrote bytes in $secs s" >>"$T/replay-runs"
-        note "replay run $run: \`remote receive\` exited $rc after writing $wrote bytes: $(tail -2 "$T/receive.err" | tr '\n' ' ')"
+        echo "run $run: FAILED: exit $rc after writing $wrote of $REPLAY_BYTES bytes in $secs s" >>"$T/replay-runs"
+        note "replay run $run: \`remote receive\` exited $rc after writing $wrote of $REPLAY_BYTES bytes: $(tail -2 "$T/receive.err" | tr '\n' ' ')"
     else
         mbs="$(awk -v b="$REPLAY_BYTES" -v s="$secs" 'BEGIN{printf "%.1f", b/1e6/s}')"
         echo "$mbs" >>"$T/replay-mbs"
         echo "run $run: ${secs} s, $mbs MB/s, $wrote bytes written; $cpu_note" >>"$T/replay-runs"
-        # Everything arrived: the client wrote the whole output (plus a notice or two on stderr).
-        ((wrote >= REPLAY_BYTES && wrote < REPLAY_BYTES + 65536)) \
-            || note "replay run $run: \`remote receive\` wrote $wrote bytes for $REPLAY_BYTES bytes of output"
         if [[ -z $(get replay_empty_s) ]]; then
             # A second receive has nothing left to print: the fixed cost (connect, log in, attach).
             read -r rc2 secs2 _ _ < <("$PY" "$HELPER" timed --stall "$STALL_SECS" --stderr "$T/receive.err" \

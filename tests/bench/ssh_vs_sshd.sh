@@ -165,8 +165,9 @@ mkdir -m 700 "$T/agent-state"
 "$AGENT_BIN" user add root --admin --authorized-key "$T/client_key.pub" \
     --config "$T/agent.toml" --state-dir "$T/agent-state" </dev/null >"$T/useradd.log" 2>&1 \
     || { cat "$T/useradd.log" >&2; die "remote-agent user add failed"; }
+# SSH only, as sshd: the WinRM listeners (on by default) are measured apart below.
 "$AGENT_BIN" run --config "$T/agent.toml" --state-dir "$T/agent-state" --ssh 127.0.0.1:0 \
-    </dev/null 2>"$T/agent.log" &
+    --winrm-http off --winrm-https off </dev/null 2>"$T/agent.log" &
 AGENT_PID=$!
 AGENT_PORT=""
 for _ in $(seq 100); do
@@ -194,6 +195,22 @@ sleep 1
 a_rss="$(python3 "$HELPER" rss "$AGENT_PID")" && put agent_idle_rss_mib "$(awk -v k="$a_rss" 'BEGIN{printf "%.2f", k/1024}')"
 s_rss="$(python3 "$HELPER" rss "$SSHD_PID")" && put sshd_idle_rss_mib "$(awk -v k="$s_rss" 'BEGIN{printf "%.2f", k/1024}')"
 log "idle RSS: agent ${a_rss:-?} KiB, sshd listener ${s_rss:-?} KiB"
+# For information: a second agent as `run` starts by default, with the WinRM HTTP and HTTPS
+# listeners too (here on loopback ports of its own), measured the same way and stopped.
+mkdir -m 700 "$T/agent-full-state"
+cp "$T/agent-state/accounts.toml" "$T/agent-full-state/" 2>/dev/null || true
+"$AGENT_BIN" run --config "$T/agent.toml" --state-dir "$T/agent-full-state" --ssh 127.0.0.1:0 \
+    --winrm-http 127.0.0.1:0 --winrm-https 127.0.0.1:0 --socket off </dev/null 2>"$T/agent-full.log" &
+FULL_PID=$!
+for _ in $(seq 100); do
+    grep -q 'winrm https listening' "$T/agent-full.log" 2>/dev/null && break
+    kill -0 "$FULL_PID" 2>/dev/null || break
+    sleep 0.1
+done
+sleep 1
+f_rss="$(python3 "$HELPER" rss "$FULL_PID")" && put agent_full_idle_rss_mib "$(awk -v k="$f_rss" 'BEGIN{printf "%.2f", k/1024}')"
+kill "$FULL_PID" 2>/dev/null; wait "$FULL_PID" 2>/dev/null
+log "idle RSS with the WinRM listeners too: agent ${f_rss:-?} KiB"
 
 # Both servers must accept the key before anything else is measured.
 for srv in agent sshd; do
