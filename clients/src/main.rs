@@ -250,9 +250,13 @@ struct RunArgs {
 
 #[derive(Args)]
 struct ShellArgs {
-    /// Where: [ssh://][user@]host[:port].
+    /// Where: [ssh://][user@]host[:port], or relay://AGENT.
     #[arg(value_name = "TARGET")]
     target: String,
+    /// The session configuration (endpoint) to open the shell on; default: the agent's
+    /// `default`.
+    #[arg(long, value_name = "NAME")]
+    endpoint: Option<String>,
 }
 
 fn main() {
@@ -879,13 +883,14 @@ async fn shell_command(global: &GlobalArgs, args: ShellArgs) -> Result<i32> {
     let target = Target::parse(&args.target)?;
     target.require_ssh("shell")?;
     if target.is_relay() {
-        return relay_shell(global, &target).await;
+        return relay_shell(global, &target, args.endpoint.as_deref()).await;
     }
     let client = make_client(global).await?;
     let interrupt = Interrupt::new();
     handle_signals(interrupt.clone())?;
     let output = Output::start();
-    let result = shell::shell(&client, &target, interrupt, output.clone()).await;
+    let endpoint = args.endpoint.as_deref();
+    let result = shell::shell(&client, &target, endpoint, interrupt, output.clone()).await;
     output.flush().await;
     let _ = terminal::restore();
     match result {
@@ -899,11 +904,12 @@ async fn shell_command(global: &GlobalArgs, args: ShellArgs) -> Result<i32> {
 
 /// `remote shell relay://AGENT`: a terminal session on the agent, attached at once; when
 /// its shell exits the session is removed, and a detached one keeps running.
-async fn relay_shell(global: &GlobalArgs, target: &Target) -> Result<i32> {
+async fn relay_shell(global: &GlobalArgs, target: &Target, endpoint: Option<&str>) -> Result<i32> {
     restore_terminal_on_termination()?;
     let (cols, rows) = terminal::window_size().unwrap_or((80, 24));
     let open = OpenSession {
         shape: Shape::Terminal as i32,
+        endpoint: endpoint.unwrap_or_default().to_string(),
         size: Some(TerminalSize { rows, cols }),
         term: std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
         ..Default::default()

@@ -25,10 +25,12 @@ pub enum ShellError {
     Terminal(std::io::Error),
 }
 
-/// Run the login shell on `target`; returns how it ended.
+/// Run the login shell on `target` (on its agent's `endpoint` when given); returns how it
+/// ended.
 pub async fn shell(
     client: &Client,
     target: &Target,
+    endpoint: Option<&str>,
     interrupt: Arc<Interrupt>,
     output: Output,
 ) -> Result<Exit, ShellError> {
@@ -46,7 +48,7 @@ pub async fn shell(
             modes: terminal::pty_modes(std::io::stdin()),
         }
     });
-    let mut process = conn.shell(pty.as_ref()).await?;
+    let mut process = conn.shell(pty.as_ref(), endpoint).await?;
     interrupt.command_started();
     let input = process.input();
     let raw = if tty {

@@ -41,6 +41,9 @@ pub struct ClientOptions {
 }
 
 /// Why talking to a target failed.
+/// What a refused endpoint request is called in errors.
+const ENDPOINT_REQUEST: &str = "session on the endpoint asked for (REMOTE_ENDPOINT; an SSH server other than remote-agent refuses it)";
+
 #[derive(Debug, Error)]
 pub enum SshError {
     #[error(
@@ -528,13 +531,8 @@ impl Connection {
     ) -> Result<RemoteProcess, SshError> {
         let channel = self.open().await?;
         let mut pending = Vec::new();
-        if let Some(name) = endpoint {
-            channel
-                .set_env(true, remote_proto::ENDPOINT_ENV, name)
-                .await
-                .map_err(|e| self.lost(e))?;
-            pending.push("command on the endpoint it names (REMOTE_ENDPOINT; an SSH server other than remote-agent refuses it)");
-        }
+        self.choose_endpoint(&channel, endpoint, &mut pending)
+            .await?;
         channel
             .exec(true, command.to_vec())
             .await
@@ -543,10 +541,34 @@ impl Connection {
         Ok(RemoteProcess::new(channel, &self.addr, pending))
     }
 
-    /// Start the login shell, with a terminal when `pty` is given.
-    pub async fn shell(&self, pty: Option<&PtyRequest>) -> Result<RemoteProcess, SshError> {
+    /// Ask for remote-agent's endpoint `name` on `channel` (the channel variable
+    /// REMOTE_ENDPOINT, which an SSH server other than remote-agent refuses).
+    async fn choose_endpoint(
+        &self,
+        channel: &russh::Channel<Msg>,
+        name: Option<&str>,
+        pending: &mut Vec<&'static str>,
+    ) -> Result<(), SshError> {
+        if let Some(name) = name {
+            channel
+                .set_env(true, remote_proto::ENDPOINT_ENV, name)
+                .await
+                .map_err(|e| self.lost(e))?;
+            pending.push(ENDPOINT_REQUEST);
+        }
+        Ok(())
+    }
+
+    /// Start the login shell, with a terminal when `pty` is given, on `endpoint` when given.
+    pub async fn shell(
+        &self,
+        pty: Option<&PtyRequest>,
+        endpoint: Option<&str>,
+    ) -> Result<RemoteProcess, SshError> {
         let channel = self.open().await?;
         let mut pending = Vec::new();
+        self.choose_endpoint(&channel, endpoint, &mut pending)
+            .await?;
         if let Some(p) = pty {
             channel
                 .request_pty(true, &p.term, p.cols, p.rows, 0, 0, &p.modes)

@@ -536,6 +536,40 @@ fn the_clients_session_options_apply_where_shorter_than_the_endpoints() {
 }
 
 #[test]
+fn remote_shell_opens_on_the_endpoint_asked_for() {
+    let erin = Erin::start();
+    let shell = |extra: &[&str]| {
+        let mut cmd = erin.client.remote();
+        cmd.arg("--identity")
+            .arg(&erin.key.private)
+            .arg("shell")
+            .arg(&erin.target)
+            .args(extra);
+        run_with_timeout(&mut cmd, Some(b"echo in-shell; exit 3\n"), T)
+    };
+    // erin (group ops, not an admin) is refused on `default`, admitted on `ops`.
+    let out = shell(&[]);
+    assert_eq!(stdout(&out), "", "{}", stderr(&out));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("access denied: user 'erin' may not use endpoint 'default'"),
+        "{}",
+        stderr(&out)
+    );
+    let out = shell(&["--endpoint", "ops"]);
+    assert_eq!(stdout(&out), "in-shell\n", "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(3));
+    // An endpoint that runs only listed commands has no shell.
+    let out = shell(&["--endpoint", "restricted"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("endpoint 'restricted'"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn endpoint_commands_edit_the_config_file() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agent.toml");
