@@ -149,6 +149,22 @@ impl Erin {
     }
 }
 
+/// A WinRM client's results for `df -h` then commands the restricted endpoint refuses.
+#[track_caller]
+fn df_ran_and_the_rest_was_refused(r: &Value) {
+    let results = ok(r)["results"].as_array().expect("results");
+    assert_eq!(results[0]["status"], 0, "{r:#}");
+    let out = results[0]["stdout"].as_str().unwrap_or("");
+    assert!(out.contains("Filesystem"), "{r:#}");
+    for refused in &results[1..] {
+        let msg = refused["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            msg.contains("endpoint 'restricted' does not allow"),
+            "{r:#}"
+        );
+    }
+}
+
 fn canary(dir: &Path) -> std::path::PathBuf {
     dir.join("canary")
 }
@@ -206,22 +222,7 @@ fn a_restricted_endpoint_runs_only_its_commands_over_ssh_winrm_and_the_relay() {
             ["sh", ["-c", format!("'{touch}'")]]
         ]),
     );
-    let results = ok(&r)["results"].as_array().expect("results").clone();
-    assert_eq!(results[0]["status"], 0, "{r:#}");
-    assert!(
-        results[0]["stdout"]
-            .as_str()
-            .unwrap_or("")
-            .contains("Filesystem"),
-        "{r:#}"
-    );
-    for refused in &results[1..] {
-        let msg = refused["error"]["message"].as_str().unwrap_or("");
-        assert!(
-            msg.contains("endpoint 'restricted' does not allow"),
-            "{r:#}"
-        );
-    }
+    df_ran_and_the_rest_was_refused(&r);
 
     // pypsrp, the endpoint named in the shell's ResourceURI (…/shell/cmd/NAME).
     let cmd_uri = "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/cmd";
@@ -236,20 +237,7 @@ fn a_restricted_endpoint_runs_only_its_commands_over_ssh_winrm_and_the_relay() {
         &format!("{cmd_uri}/restricted"),
         json!([["df", ["-h"]], [format!("df; {touch}"), []]]),
     );
-    let results = ok(&r)["results"].as_array().expect("results").clone();
-    assert_eq!(results[0]["status"], 0, "{r:#}");
-    assert!(
-        results[0]["stdout"]
-            .as_str()
-            .unwrap_or("")
-            .contains("Filesystem"),
-        "{r:#}"
-    );
-    let refused = results[1]["error"]["message"].as_str().unwrap_or("");
-    assert!(
-        refused.contains("endpoint 'restricted' does not allow"),
-        "{r:#}"
-    );
+    df_ran_and_the_rest_was_refused(&r);
     let r = psrp(cmd_uri, json!([["uptime", []]]));
     let denied = r["error"]["message"].as_str().unwrap_or("");
     assert!(

@@ -715,6 +715,22 @@ fn signature_hash(cert: &[u8]) -> Hash {
 mod tests {
     use super::*;
 
+    /// A self-signed certificate for localhost, like remote-agent's, and its key.
+    fn self_signed_localhost() -> (rcgen::Certificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert, key)
+    }
+
+    /// Trust on first use with the store at `store`, for `hosts` (a trusted-hosts file in
+    /// `dir`).
+    fn first_use(store: &Path, dir: &Path, hosts: &str) -> Trust {
+        Trust::new(None, None, store.to_path_buf(), trusted(dir, hosts)).unwrap()
+    }
+
     /// A trusted-hosts file in `dir` listing `hosts`.
     fn trusted(dir: &Path, hosts: &str) -> PathBuf {
         let path = dir.join("trusted_hosts");
@@ -854,23 +870,13 @@ mod tests {
         let issued = tls_server(vec![leaf.der().clone(), ca_cert.der().clone()], &leaf_key).await;
 
         // A self-signed certificate for localhost, like remote-agent's.
-        let own_key = KeyPair::generate().unwrap();
-        let own = CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .self_signed(&own_key)
-            .unwrap();
+        let (own, own_key) = self_signed_localhost();
         let own_fp = fingerprint(own.der());
         let self_signed = tls_server(vec![own.der().clone()], &own_key).await;
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("winrm_known_hosts");
-        let trust = Trust::new(
-            None,
-            None,
-            path.clone(),
-            trusted(dir.path(), "localhost 127.0.0.1"),
-        )
-        .unwrap();
+        let trust = first_use(&path, dir.path(), "localhost 127.0.0.1");
         let key = |server: std::net::SocketAddr| format!("localhost:{}", server.port());
 
         // Chains to a system root and names the host: trusted, nothing pinned.
@@ -915,13 +921,7 @@ mod tests {
         // other than the pinned one is refused as changed, whatever the system trusts.
         let other = tempfile::tempdir().unwrap();
         let other_path = other.path().join("winrm_known_hosts");
-        let strict = Trust::new(
-            None,
-            None,
-            other_path.clone(),
-            trusted(other.path(), "localhost"),
-        )
-        .unwrap();
+        let strict = first_use(&other_path, other.path(), "localhost");
         connect(&strict, self_signed, "localhost", None)
             .await
             .unwrap();
@@ -934,13 +934,7 @@ mod tests {
         // The issued server's host:port pinned to another certificate: refused as changed
         // without system roots, accepted on them.
         std::fs::write(&other_path, format!("{} {own_fp}\n", key(issued))).unwrap();
-        let strict = Trust::new(
-            None,
-            None,
-            other_path.clone(),
-            trusted(other.path(), "localhost"),
-        )
-        .unwrap();
+        let strict = first_use(&other_path, other.path(), "localhost");
         let err = connect(&strict, issued, "localhost", None)
             .await
             .unwrap_err();
@@ -952,23 +946,11 @@ mod tests {
 
     #[tokio::test]
     async fn without_recording_checks_pins_but_writes_nothing() {
-        use rcgen::{CertificateParams, KeyPair};
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
+        let (cert, key) = self_signed_localhost();
         let server = tls_server(vec![cert.der().clone()], &key).await;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("winrm_known_hosts");
-        let trust = Trust::new(
-            None,
-            None,
-            path.clone(),
-            trusted(dir.path(), "localhost 127.0.0.1"),
-        )
-        .unwrap()
-        .without_recording();
+        let trust = first_use(&path, dir.path(), "localhost 127.0.0.1").without_recording();
         // First contact: accepted for this connection, nothing written.
         connect(&trust, server, "localhost", None).await.unwrap();
         assert!(!path.exists());
@@ -978,14 +960,7 @@ mod tests {
             format!("localhost:{} SHA256:{}\n", server.port(), "A".repeat(43)),
         )
         .unwrap();
-        let trust = Trust::new(
-            None,
-            None,
-            path.clone(),
-            trusted(dir.path(), "localhost 127.0.0.1"),
-        )
-        .unwrap()
-        .without_recording();
+        let trust = first_use(&path, dir.path(), "localhost 127.0.0.1").without_recording();
         let err = connect(&trust, server, "localhost", None)
             .await
             .unwrap_err();
@@ -994,12 +969,7 @@ mod tests {
 
     #[tokio::test]
     async fn first_contact_only_with_a_trusted_host() {
-        use rcgen::{CertificateParams, KeyPair};
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
+        let (cert, key) = self_signed_localhost();
         let fp = fingerprint(cert.der());
         let server = tls_server(vec![cert.der().clone()], &key).await;
         let dir = tempfile::tempdir().unwrap();
