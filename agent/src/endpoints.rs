@@ -454,10 +454,11 @@ impl Endpoint {
     }
 
     /// How long opening a session may take: the shorter of this endpoint's open timeout and
-    /// the client's (`client`), with the error that says whose limit it was.
-    pub fn open_limit(&self, client: Option<Duration>) -> (Duration, EndpointError) {
+    /// the client's (`client`: the limit and what the client calls it), with the error that
+    /// says whose limit it was.
+    pub fn open_limit(&self, client: Option<(Duration, &str)>) -> (Duration, EndpointError) {
         let (limit, whose) = match client {
-            Some(c) if c < self.timeouts.open => (c, "the client's open timeout"),
+            Some((c, name)) if c < self.timeouts.open => (c, name),
             _ => (self.timeouts.open, "open_timeout_secs"),
         };
         let error = EndpointError::OpenTimeout {
@@ -602,6 +603,9 @@ pub struct Endpoints {
 struct Shared {
     map: RwLock<Arc<EndpointMap>>,
     source: Option<Source>,
+    /// Use counters by endpoint name, across re-reads: an endpoint removed and added back
+    /// still counts what is open on it. Names nothing uses any more are forgotten.
+    usage: Mutex<HashMap<String, Arc<Usage>>>,
 }
 
 /// The config file the endpoints come from, and the identity of the copy last read.
@@ -630,34 +634,37 @@ impl Default for Endpoints {
 impl Endpoints {
     /// The endpoints of the config file, plus the built-in `default` unless it is redefined.
     pub fn from_files(files: &BTreeMap<String, EndpointFile>) -> Result<Endpoints, EndpointError> {
-        Ok(Endpoints::of(resolve_all(files, &BTreeMap::new())?))
+        Ok(Endpoints::of(resolve_all(files, &mut HashMap::new())?))
     }
 
     fn of(map: EndpointMap) -> Endpoints {
+        Endpoints::sharing(Arc::new(map), None)
+    }
+
+    fn sharing(map: Arc<EndpointMap>, source: Option<Source>) -> Endpoints {
+        let usage = map
+            .iter()
+            .map(|(name, e)| (name.clone(), e.usage.clone()))
+            .collect();
         Endpoints {
             shared: Arc::new(Shared {
-                map: RwLock::new(Arc::new(map)),
-                source: None,
+                map: RwLock::new(map),
+                source,
+                usage: Mutex::new(usage),
             }),
         }
     }
 
     /// The same endpoints, re-read from the config file at `path` whenever it changes (its
     /// inode, size or modification time; checked when an endpoint is asked for). A file
-    /// that does not parse, or whose endpoints are invalid, keeps the endpoints read before
-    /// and is reported in the log; a file that is removed leaves only the built-in
-    /// `default`.
+    /// that does not parse, whose endpoints are invalid, or that is gone keeps the
+    /// endpoints read before and is reported in the log.
     pub fn watching(self, path: PathBuf) -> Endpoints {
-        let map = self.current();
-        Endpoints {
-            shared: Arc::new(Shared {
-                map: RwLock::new(map),
-                source: Some(Source {
-                    stamp: Mutex::new(stamp(&path)),
-                    path,
-                }),
-            }),
-        }
+        let source = Source {
+            stamp: Mutex::new(stamp(&path)),
+            path,
+        };
+        Endpoints::sharing(self.current(), Some(source))
     }
 
     /// The endpoints now, after re-reading the config file if it changed.
@@ -673,36 +680,38 @@ impl Endpoints {
     }
 
     fn refresh(&self, source: &Source) {
+        // Held until the new endpoints are in place, so that two re-reads of two quick
+        // changes cannot install the older one last.
+        let mut seen = source.stamp.lock().unwrap_or_else(|p| p.into_inner());
         let now = stamp(&source.path);
-        {
-            let mut seen = source.stamp.lock().unwrap_or_else(|p| p.into_inner());
-            if *seen == now {
-                return;
-            }
-            // Remembered even if the file is bad, so that it is reported once per change.
-            *seen = now;
+        if *seen == now {
+            return;
         }
-        let files = if now.is_none() {
-            Ok(BTreeMap::new())
-        } else {
-            crate::config::FileConfig::load(&source.path)
-                .map(|f| f.endpoints)
-                .map_err(|e| e.to_string())
-        };
-        let mut map = self.shared.map.write().unwrap_or_else(|p| p.into_inner());
-        match files.and_then(|f| resolve_all(&f, &map).map_err(|e| e.to_string())) {
+        // Remembered even if the file is bad, so that it is reported once per change.
+        *seen = now;
+        let path = source.path.display();
+        if now.is_none() {
+            tracing::warn!(
+                "the config file {path} is gone; keeping the endpoints read before (put it back, or restart the agent to run without it)"
+            );
+            return;
+        }
+        let files = crate::config::FileConfig::load(&source.path)
+            .map(|f| f.endpoints)
+            .map_err(|e| e.to_string());
+        let mut usage = self.shared.usage.lock().unwrap_or_else(|p| p.into_inner());
+        match files.and_then(|f| resolve_all(&f, &mut usage).map_err(|e| e.to_string())) {
             Ok(new) => {
                 let names: Vec<&str> = new.keys().map(String::as_str).collect();
                 tracing::info!(
-                    "endpoints re-read from {}: {} (other settings there apply at the next restart)",
-                    source.path.display(),
+                    "endpoints re-read from {path}: {} (other settings there apply at the next restart)",
                     names.join(", ")
                 );
-                *map = Arc::new(new);
+                usage.retain(|name, u| new.contains_key(name) || Arc::strong_count(u) > 1);
+                *self.shared.map.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
             }
             Err(e) => tracing::error!(
-                "endpoints in {} not applied: {e}; keeping the endpoints read before (fix the file, or check it with remote-agent endpoint list)",
-                source.path.display()
+                "endpoints in {path} not applied: {e}; keeping the endpoints read before (fix the file, or check it with remote-agent endpoint list)"
             ),
         }
     }
@@ -741,11 +750,11 @@ impl Endpoints {
     }
 }
 
-/// Resolve every endpoint of `files` (and the built-in `default` unless redefined); an
-/// endpoint also in `before` takes over its use counters.
+/// Resolve every endpoint of `files` (and the built-in `default` unless redefined), each
+/// with the use counters of its name in `usage` (added there when new).
 fn resolve_all(
     files: &BTreeMap<String, EndpointFile>,
-    before: &EndpointMap,
+    usage: &mut HashMap<String, Arc<Usage>>,
 ) -> Result<EndpointMap, EndpointError> {
     let builtin = (!files.contains_key(DEFAULT_ENDPOINT))
         .then(|| (DEFAULT_ENDPOINT.to_string(), Endpoint::builtin_default()));
@@ -756,9 +765,7 @@ fn resolve_all(
         .chain(builtin)
     {
         let mut e = Endpoint::resolve(&name, &file)?;
-        if let Some(old) = before.get(&name) {
-            e.usage = old.usage.clone();
-        }
+        e.usage = usage.entry(name.clone()).or_default().clone();
         map.insert(name, Arc::new(e));
     }
     Ok(map)
@@ -919,14 +926,15 @@ mod tests {
                 .contains("longer than 60 s (open_timeout_secs)"),
             "{err}"
         );
-        let (limit, err) = e.open_limit(Some(Duration::from_secs(5)));
+        let (limit, err) =
+            e.open_limit(Some((Duration::from_secs(5), "the client's open timeout")));
         assert_eq!(limit, Duration::from_secs(5));
         assert!(
             err.to_string()
                 .contains("endpoint 'restricted' took longer than 5 s (the client's open timeout)"),
             "{err}"
         );
-        let (limit, _) = e.open_limit(Some(Duration::from_secs(600)));
+        let (limit, _) = e.open_limit(Some((Duration::from_secs(600), "client")));
         assert_eq!(limit, Duration::from_secs(60));
         let file = EndpointFile {
             open_timeout_secs: Some(3),
@@ -934,7 +942,7 @@ mod tests {
         };
         let e = Endpoint::resolve("quick", &file).unwrap();
         assert_eq!(
-            e.open_limit(Some(Duration::from_secs(10))).0,
+            e.open_limit(Some((Duration::from_secs(10), "client"))).0,
             Duration::from_secs(3)
         );
         let zero = EndpointFile {
@@ -984,7 +992,7 @@ mod tests {
         replace(&path, "this is not toml [");
         assert!(endpoints.admit("ops", dave).is_ok());
 
-        // A new endpoint appears; a removed one is gone, and so is everything when the file is.
+        // A new endpoint appears; a removed one is gone. A file that is gone keeps them.
         replace(&path, "[endpoints.web]\nusers = [\"dave\"]\n");
         assert!(endpoints.admit("web", dave).is_ok());
         assert!(matches!(
@@ -992,12 +1000,21 @@ mod tests {
             Err(EndpointError::Unknown { .. })
         ));
         std::fs::remove_file(&path).unwrap();
-        assert!(matches!(
-            endpoints.admit("web", dave),
-            Err(EndpointError::Unknown { .. })
-        ));
+        assert!(endpoints.admit("web", dave).is_ok());
         assert!(endpoints.get(DEFAULT_ENDPOINT).is_some());
+
+        // Removed and added back: what is still open on it still counts.
+        replace(
+            &path,
+            "[endpoints.ops]\nusers = [\"dave\"]\nmax_connections = 1\n",
+        );
+        let e = endpoints.admit("ops", dave).unwrap();
+        assert!(matches!(
+            e.connect(),
+            Err(EndpointError::Busy { limit: 1, .. })
+        ));
         drop(again);
+        assert!(e.connect().is_ok());
     }
 
     #[test]

@@ -404,8 +404,12 @@ impl Conn {
             },
             start: Default::default(),
             max_running: None,
-            open_timeout: (req.open_timeout_secs > 0)
-                .then(|| std::time::Duration::from_secs(req.open_timeout_secs)),
+            open_timeout: (req.open_timeout_secs > 0).then(|| {
+                (
+                    std::time::Duration::from_secs(req.open_timeout_secs),
+                    "the client's open timeout, --open-timeout",
+                )
+            }),
         };
         match self.host.open(&self.who, open).await {
             Ok(session) => {

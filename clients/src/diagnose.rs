@@ -652,11 +652,12 @@ impl Tester {
     }
 
     /// Steps 5 and 6 without the session service (an SSH server that is not remote-agent,
-    /// or has no `remote` subsystem): the command alone, on the server's default endpoint.
+    /// or has no `remote` subsystem): the command alone, on the endpoint asked for.
     async fn plain_exec(&self, conn: &ssh::Connection) -> Result<(), Failure> {
         let addr = conn.addr().to_string();
         let run = async {
-            let mut process = conn.exec(PROBE_COMMAND.as_bytes(), None).await?;
+            let endpoint = self.opts.endpoint.as_deref().filter(|e| !e.is_empty());
+            let mut process = conn.exec(PROBE_COMMAND.as_bytes(), endpoint).await?;
             let _ = process.input().eof().await;
             let (mut out, mut err) = (Vec::new(), Vec::new());
             while let Some(ev) = process.next_event().await? {
@@ -691,7 +692,10 @@ impl Tester {
         self.report.ok(
             Step::Endpoint,
             "endpoint",
-            "no session service there (no `remote` subsystem): checked with a plain command on the server's default",
+            &format!(
+                "no session service there (no `remote` subsystem): checked with a plain command on endpoint '{}'",
+                self.endpoint()
+            ),
         );
         self.check_output(&addr, code, &String::from_utf8_lossy(&out), &stderr)
     }
@@ -976,7 +980,7 @@ impl Tester {
                         Ok(Some((_, line))) => {
                             format!("as recorded in {}:{line}", store.path().display())
                         }
-                        _ => {
+                        _ if store.may_trust_first(&dest.host, &dest.addr) => {
                             first_use = Some(fp.clone());
                             format!(
                                 "is new, and {} is listed in {}: it would be trusted on first use, unless it \
@@ -986,6 +990,11 @@ impl Tester {
                                 store.trusted_hosts().display(),
                                 store.path().display()
                             )
+                        }
+                        _ => {
+                            first_use = Some(fp.clone());
+                            "chains to a CA this machine trusts and names the host (nothing is recorded)"
+                                .to_string()
                         }
                     },
                 };

@@ -40,10 +40,10 @@ pub struct ClientOptions {
     pub default_user: String,
 }
 
-/// Why talking to a target failed.
 /// What a refused endpoint request is called in errors.
-const ENDPOINT_REQUEST: &str = "session on the endpoint asked for (REMOTE_ENDPOINT; an SSH server other than remote-agent refuses it)";
+const ENDPOINT_REQUEST: &str = "endpoint choice REMOTE_ENDPOINT (only remote-agent accepts it: for another SSH server, leave out --endpoint)";
 
+/// Why talking to a target failed.
 #[derive(Debug, Error)]
 pub enum SshError {
     #[error(

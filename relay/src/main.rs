@@ -75,7 +75,7 @@ struct RunArgs {
     /// Name in the generated certificate (default: the host name).
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
-    /// Audit lines kept per agent (its newest; older ones are deleted as new ones arrive).
+    /// Audit lines kept per agent log (its newest; older ones are deleted as new ones arrive).
     #[arg(long, value_name = "N", default_value_t = 200_000)]
     audit_keep_lines: u64,
     #[command(flatten)]

@@ -1394,6 +1394,14 @@ impl Store {
             return Ok(());
         };
         let mut tx = self.write_tx().await.map_err(db(what))?;
+        let before: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(seq) FROM audit WHERE agent = $1 AND log_id = $2")
+                .bind(agent)
+                .bind(log_id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db(what))?;
+        let before = before.and_then(|s| u64::try_from(s).ok()).unwrap_or(0);
         for (seq, line) in lines {
             sqlx::query(
                 "INSERT INTO audit (agent, log_id, seq, line) VALUES ($1, $2, $3, $4)
@@ -1408,7 +1416,9 @@ impl Store {
             .map_err(db(what))?;
         }
         // Lines are numbered without gaps: everything at or below this is older than the
-        // newest `keep`.
+        // newest `keep`. Trimming advances by at most the lines this batch brought, so a
+        // number far ahead (a broken or hostile agent) cannot empty the log's history.
+        let newest = newest.min(before.saturating_add(lines.len() as u64));
         let below = newest.saturating_sub(keep.max(1));
         if below > 0 {
             sqlx::query("DELETE FROM audit WHERE agent = $1 AND log_id = $2 AND seq <= $3")
@@ -2175,6 +2185,11 @@ mod tests {
             vec!["{\"seq\":4}"]
         );
         assert_eq!(s.audit_seq("a2", "log").await.unwrap(), 4);
+        assert_eq!(s.audit_lines(Some("a1"), 100).await.unwrap().len(), 3);
+        // A line numbered far ahead trims no more than one line's worth.
+        s.append_audit("a1", "log", &lines(1 << 40, 1 << 40), 3)
+            .await
+            .unwrap();
         assert_eq!(s.audit_lines(Some("a1"), 100).await.unwrap().len(), 3);
     }
 

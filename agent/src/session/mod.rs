@@ -150,8 +150,9 @@ pub struct OpenRequest {
     pub start: commands::StartState,
     /// Commands shape: commands running at once (default and ceiling: the host's limit).
     pub max_running: Option<usize>,
-    /// The client's open timeout; the shorter of it and the endpoint's applies.
-    pub open_timeout: Option<Duration>,
+    /// The client's open timeout and what it is called (for the message); the shorter of it
+    /// and the endpoint's applies.
+    pub open_timeout: Option<(Duration, &'static str)>,
 }
 
 enum Kind {
@@ -436,19 +437,40 @@ impl UserRoots {
 }
 
 /// Run `work` (blocking: account lookups, directories, starting processes) on a blocking
-/// thread, giving up after `limit` with `timeout`. Work that finishes after that is dropped
-/// (a shell it started loses its terminal and exits).
+/// thread, giving up after `limit` with `timeout`. What work that finishes after that made
+/// is handed to `undo` (which stops and removes it).
 async fn within<T: Send + 'static>(
     limit: Duration,
     timeout: EndpointError,
     work: impl FnOnce() -> Result<T, SessionError> + Send + 'static,
+    undo: impl FnOnce(T) + Send + 'static,
 ) -> Result<T, SessionError> {
-    match tokio::time::timeout(limit, tokio::task::spawn_blocking(work)).await {
+    let mut task = tokio::task::spawn_blocking(work);
+    match tokio::time::timeout(limit, &mut task).await {
         Ok(Ok(result)) => result,
         Ok(Err(e)) => Err(SessionError::Internal(format!(
             "opening the session failed: {e}"
         ))),
-        Err(_) => Err(timeout.into()),
+        Err(_) => {
+            tokio::spawn(async move {
+                if let Ok(Ok(late)) = task.await {
+                    undo(late);
+                }
+            });
+            Err(timeout.into())
+        }
+    }
+}
+
+/// What opening a session made, undone: its processes stopped, its state removed; its
+/// place on the endpoint is given back when it is dropped here.
+fn undo_open((kind, _connection): (Kind, crate::endpoints::EndpointUse)) {
+    match kind {
+        Kind::Terminal(t) => t.kill(),
+        Kind::Commands(c) => {
+            c.kill_all();
+            c.remove_state();
+        }
     }
 }
 
@@ -551,6 +573,7 @@ impl SessionHost {
             }
             .into());
         }
+        // Counted from here, also while a slow open is still at work after its timeout.
         let connection = endpoint.connect()?;
         let id = new_id();
         let journal_bytes = req
@@ -567,6 +590,7 @@ impl SessionHost {
         // shell) runs within the open timeout.
         let (limit, timed_out) = endpoint.open_limit(req.open_timeout);
         let start = {
+            let connection = connection;
             let (endpoint, req, id) = (endpoint.clone(), req.clone(), id.clone());
             let (account, identity) = (who.name.clone(), who.identity.clone());
             let roots = self.user_roots.clone();
@@ -577,9 +601,9 @@ impl SessionHost {
                 account: who.name.clone(),
                 transport: Transport::from_label(who.transport),
             };
-            move || -> Result<Kind, SessionError> {
+            move || -> Result<(Kind, crate::endpoints::EndpointUse), SessionError> {
                 let identity = endpoint_identity(&account, &identity, &endpoint)?;
-                Ok(match req.shape {
+                let kind = match req.shape {
                     Shape::Terminal => {
                         endpoint.interactive()?;
                         Kind::Terminal(terminal::Terminal::start(
@@ -617,10 +641,11 @@ impl SessionHost {
                             audited,
                         )?)
                     }
-                })
+                };
+                Ok((kind, connection))
             }
         };
-        let kind = within(limit, timed_out, start).await?;
+        let (kind, connection) = within(limit, timed_out, start, undo_open).await?;
         let name = if req.name.is_empty() {
             id.clone()
         } else {
@@ -800,16 +825,26 @@ mod tests {
 
     #[tokio::test]
     async fn opening_gives_up_at_the_open_timeout_and_drops_what_comes_late() {
-        let fast = within(Duration::from_secs(5), timed_out(), || Ok(7)).await;
+        let fast = within(Duration::from_secs(5), timed_out(), || Ok(7), |_| {}).await;
         assert_eq!(fast.unwrap(), 7);
 
         let dropped = Arc::new(AtomicBool::new(false));
         let flag = dropped.clone();
         let began = Instant::now();
-        let slow = within(Duration::from_millis(100), timed_out(), move || {
-            std::thread::sleep(Duration::from_millis(600));
-            Ok(Made(flag))
-        })
+        let undone = Arc::new(AtomicBool::new(false));
+        let undo_flag = undone.clone();
+        let slow = within(
+            Duration::from_millis(100),
+            timed_out(),
+            move || {
+                std::thread::sleep(Duration::from_millis(600));
+                Ok(Made(flag))
+            },
+            move |made: Made| {
+                undo_flag.store(true, Ordering::SeqCst);
+                drop(made);
+            },
+        )
         .await;
         assert!(began.elapsed() < Duration::from_millis(500));
         match slow {
@@ -818,17 +853,20 @@ mod tests {
             }
             other => panic!("{:?}", other.err()),
         }
-        // What the slow work made is dropped when it finishes.
+        // What the slow work made is undone when it finishes.
         let deadline = Instant::now() + Duration::from_secs(5);
         while !dropped.load(Ordering::SeqCst) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(dropped.load(Ordering::SeqCst));
+        assert!(undone.load(Ordering::SeqCst) && dropped.load(Ordering::SeqCst));
 
         // Errors of the work itself come through as they are.
-        let failed: Result<(), _> = within(Duration::from_secs(5), timed_out(), || {
-            Err(SessionError::Invalid("nope".into()))
-        })
+        let failed: Result<(), _> = within(
+            Duration::from_secs(5),
+            timed_out(),
+            || Err(SessionError::Invalid("nope".into())),
+            |_| {},
+        )
         .await;
         assert!(matches!(failed, Err(SessionError::Invalid(_))));
     }

@@ -382,10 +382,12 @@ impl Shells {
                     start,
                     max_running: Some(self.settings.max_commands_per_shell),
                     // The client waits OperationTimeout for the answer.
-                    open_timeout: req
-                        .header
-                        .operation_timeout
-                        .map(|t| t.saturating_sub(DEADLINE_MARGIN).max(DEADLINE_MARGIN)),
+                    open_timeout: req.header.operation_timeout.map(|t| {
+                        let t = t
+                            .saturating_sub(DEADLINE_MARGIN)
+                            .max(Duration::from_secs(1));
+                        (t, "the request's OperationTimeout")
+                    }),
                 },
             )
             .await

@@ -106,11 +106,28 @@ fn new_message_id() -> String {
 }
 
 /// The common envelope: header for `action` (+ ShellId selector, options), then `body`.
+/// One `w:Option` of a request's OptionSet.
+struct WsOption<'a> {
+    name: &'a str,
+    value: &'a str,
+    /// The server must refuse the request if it does not know the option.
+    must_comply: bool,
+}
+
+/// An option the server may ignore.
+fn opt<'a>(name: &'a str, value: &'a str) -> WsOption<'a> {
+    WsOption {
+        name,
+        value,
+        must_comply: false,
+    }
+}
+
 fn envelope(
     to: &str,
     action: &'static str,
     shell_id: Option<&str>,
-    options: &[(&str, &str)],
+    options: &[WsOption<'_>],
     timeout: Duration,
     body: &str,
 ) -> Request {
@@ -148,11 +165,16 @@ fn envelope(
     }
     if !options.is_empty() {
         xml.push_str("<w:OptionSet>");
-        for (name, value) in options {
+        for o in options {
+            let comply = if o.must_comply {
+                " MustComply=\"true\""
+            } else {
+                ""
+            };
             xml.push_str(&format!(
-                "<w:Option Name=\"{}\">{}</w:Option>",
-                escape(name),
-                escape(value)
+                "<w:Option Name=\"{}\"{comply}>{}</w:Option>",
+                escape(o.name),
+                escape(o.value)
             ));
         }
         xml.push_str("</w:OptionSet>");
@@ -190,14 +212,20 @@ pub fn create_shell(to: &str, options: &ShellOptions, timeout: Duration) -> Requ
         body.push_str(&format!("<rsp:Name>{}</rsp:Name>", escape(name)));
     }
     body.push_str("</rsp:Shell>");
-    envelope(
-        to,
-        ACTION_CREATE,
-        None,
-        &[("WINRS_NOPROFILE", "FALSE"), ("WINRS_CODEPAGE", "65001")],
-        timeout,
-        &body,
-    )
+    let mut opts = vec![
+        opt("WINRS_NOPROFILE", "FALSE"),
+        opt("WINRS_CODEPAGE", "65001"),
+    ];
+    if let Some(endpoint) = &options.endpoint {
+        // Also an option the server must know: a WinRM server other than remote-agent
+        // refuses the shell instead of opening it on its default configuration.
+        opts.push(WsOption {
+            name: remote_proto::ENDPOINT_ENV,
+            value: endpoint,
+            must_comply: true,
+        });
+    }
+    envelope(to, ACTION_CREATE, None, &opts, timeout, &body)
 }
 
 /// Start `line` in the shell (§3.2): the whole line as `rsp:Command`, no arguments, run by
@@ -220,8 +248,8 @@ pub fn command(
         ACTION_COMMAND,
         Some(shell_id),
         &[
-            ("WINRS_CONSOLEMODE_STDIN", "TRUE"),
-            ("WINRS_SKIP_CMD_SHELL", "FALSE"),
+            opt("WINRS_CONSOLEMODE_STDIN", "TRUE"),
+            opt("WINRS_SKIP_CMD_SHELL", "FALSE"),
         ],
         timeout,
         &body,
@@ -1026,6 +1054,10 @@ mod tests {
         assert!(
             c.xml
                 .contains("<w:Option Name=\"WINRS_CODEPAGE\">65001</w:Option>")
+        );
+        assert!(
+            c.xml
+                .contains("<w:Option Name=\"REMOTE_ENDPOINT\" MustComply=\"true\">jea</w:Option>")
         );
         assert!(c.xml.contains("<rsp:IdleTimeOut>PT600S</rsp:IdleTimeOut>"));
         assert!(c.xml.contains("<rsp:Name>n&amp;m</rsp:Name>"));

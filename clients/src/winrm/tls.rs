@@ -302,7 +302,19 @@ impl Trust {
                 tracing::debug!(
                     "{addr}: TLS certificate {fp} verified against the system's trusted roots"
                 );
-            } else if store.lookup(&key)?.is_none() {
+            } else if let Some((recorded, line)) = store.lookup(&key)? {
+                // Recorded meanwhile by another connection's first contact (the verifier
+                // was made before): this certificate must be that one too.
+                if recorded != fp {
+                    return Err(TlsError::Changed {
+                        addr: addr.to_string(),
+                        seen: fp,
+                        recorded,
+                        path: store.path().to_path_buf(),
+                        line,
+                    });
+                }
+            } else {
                 // Nothing was sent yet: an unlisted host learns nothing of our credentials.
                 if !store.may_trust_first(host, addr) {
                     return Err(TlsError::FirstContact {
@@ -564,10 +576,24 @@ impl CertStore {
         })
     }
 
-    /// Append `key fingerprint`; returns its line number.
+    /// Append `key fingerprint`; returns its line number. If `key` was recorded meanwhile
+    /// (another connection's first contact), nothing is written and that record must match:
+    /// otherwise the certificate has changed.
     pub fn record(&self, key: &str, fp: &str, addr: &str) -> Result<usize, TlsError> {
         let path = self.path.clone();
         self.with_state(|s| {
+            if let Some((line, _, recorded)) = s.entries.iter().find(|(_, k, _)| k == key) {
+                if recorded != fp {
+                    return Err(TlsError::Changed {
+                        addr: addr.to_string(),
+                        seen: fp.to_string(),
+                        recorded: recorded.clone(),
+                        path: path.clone(),
+                        line: *line,
+                    });
+                }
+                return Ok(*line);
+            }
             let err = |error| TlsError::StoreWrite {
                 addr: addr.to_string(),
                 path: path.clone(),
@@ -774,6 +800,13 @@ mod tests {
         assert_eq!(again.lookup("x:1").unwrap(), None);
         let line = again.record("y:2", &a, "y:2").unwrap();
         assert_eq!(line, 7);
+        // Recorded twice at once (two first contacts): the same certificate is the same
+        // line; another one is a changed certificate, and nothing more is written.
+        assert_eq!(again.record("y:2", &a, "y:2").unwrap(), 7);
+        assert!(matches!(
+            again.record("y:2", &b, "y:2"),
+            Err(TlsError::Changed { line: 7, .. })
+        ));
         assert_eq!(
             std::fs::read_to_string(&path).unwrap().lines().nth(6),
             Some(format!("y:2 {a}").as_str())
