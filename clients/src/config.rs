@@ -129,7 +129,8 @@ pub fn trusted_hosts_file() -> PathBuf {
 
 /// Whether the trusted-hosts file at `path` lists `host` (and `port`). Entries are separated
 /// by newlines, commas or spaces; `#` starts a comment. An entry is `host`, `host:port` or
-/// `[ipv6]:port`; `*` matches any run of characters (`*.lab.example`, `10.0.0.*`, `*`).
+/// `[ipv6]:port`; `*` matches any run of characters (`*.lab.example`, `10.0.0.*`, `*`), and
+/// an address pattern (digits, dots and `*`) matches IPv4 addresses only.
 /// Names are compared without regard to case. A missing file lists nothing.
 pub fn is_trusted_host(path: &std::path::Path, host: &str, port: u16) -> bool {
     let Ok(text) = std::fs::read_to_string(path) else {
@@ -155,6 +156,17 @@ fn trusted_hosts_match(text: &str, host: &str, port: u16) -> bool {
                 .strip_prefix('[')
                 .and_then(|e| e.strip_suffix(']'))
                 .unwrap_or(&entry);
+            // An address pattern (`10.0.0.*`) matches addresses only, never a name that
+            // happens to start like one (`10.0.0.1.example.net`).
+            let address_pattern = |e: &str| {
+                let e = e.split(':').next().unwrap_or_default();
+                e.contains('.')
+                    && e.bytes()
+                        .all(|c| c.is_ascii_digit() || c == b'.' || c == b'*')
+            };
+            if address_pattern(&entry) && host.parse::<std::net::Ipv4Addr>().is_err() {
+                return false;
+            }
             glob(bare, &host) || glob(&entry, &with_port)
         })
 }
@@ -218,6 +230,15 @@ mod tests {
         assert!(!trusted_hosts_match(list, "web2", 5985));
         assert!(!trusted_hosts_match("# web2\n", "web2", 5985));
         assert!(trusted_hosts_match("*", "anything", 1));
+        // An address pattern matches addresses only.
+        assert!(trusted_hosts_match("10.0.0.*", "10.0.0.99", 1));
+        assert!(trusted_hosts_match("10.0.0.*:5986", "10.0.0.99", 5986));
+        assert!(!trusted_hosts_match("10.0.0.*", "10.0.0.1.evil.example", 1));
+        assert!(!trusted_hosts_match(
+            "10.0.0.*:5986",
+            "10.0.0.1.evil.example",
+            5986
+        ));
         assert!(!trusted_hosts_match("", "web1", 5985));
     }
 }

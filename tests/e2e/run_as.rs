@@ -1,5 +1,6 @@
 //! As root, an account with `run_as` runs everything as that OS user: commands, terminals
-//! and SFTP. Needs root (CI runs as root); elsewhere the test says so and does nothing.
+//! and SFTP; so does an endpoint with `run_as`, for the commands run on it. Needs root (CI
+//! runs as root); elsewhere the test says so and does nothing.
 
 use std::process::Command;
 use std::time::Duration;
@@ -180,4 +181,51 @@ fn run_as_commands_session_keeps_exit_codes_and_context() {
         0o711,
         "state dir: traversable, not listable"
     );
+}
+
+/// An endpoint with `run_as`: an ordinary account's commands there run as that OS user, over
+/// plain SSH and in a session; on `default` they run as the account's own identity.
+#[test]
+fn an_endpoints_run_as_runs_its_commands_as_that_os_user() {
+    if !is_root() {
+        eprintln!(
+            "an_endpoints_run_as_runs_its_commands_as_that_os_user: NOT RUN — needs root (CI runs as root)"
+        );
+        return;
+    }
+    ensure_os_user();
+    let agent = Agent::start_with(AgentOptions {
+        config: format!("[endpoints.svc]\nusers = [\"dave\"]\nrun_as = \"{OS_USER}\"\n"),
+        ..AgentOptions::default()
+    });
+    let key = agent.key("dave_key");
+    agent.add_user("dave", None, Some(&key));
+    let whoami = |endpoint: Option<&str>| {
+        let mut cmd = Command::new(require_tool("ssh", "openssh-client"));
+        cmd.args(ssh_options(agent.port()))
+            .args(["-o", "BatchMode=yes", "-i"])
+            .arg(&key.private);
+        if let Some(e) = endpoint {
+            cmd.arg("-o").arg(format!("SetEnv=REMOTE_ENDPOINT={e}"));
+        }
+        let out = run_with_timeout(cmd.arg("dave@127.0.0.1").arg("id -un"), None, T);
+        stdout(&out).trim().to_string()
+    };
+    assert_eq!(whoami(Some("svc")), OS_USER);
+    assert_eq!(whoami(None), "root", "default: the agent's own identity");
+
+    // The same in a session opened on the endpoint.
+    let client = Client::new();
+    let target = format!("dave@127.0.0.1:{}", agent.port());
+    let identity = key.private.to_string_lossy().into_owned();
+    let remote = |args: &[&str]| {
+        let mut cmd = client.remote();
+        cmd.args(["--identity", &identity]).args(args);
+        run_with_timeout(&mut cmd, None, T)
+    };
+    let out = remote(&["session", "new", &target, "--endpoint", "svc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out).lines().last().unwrap_or_default().to_string();
+    let out = remote(&["exec", &format!("{target}/{id}"), "--", "id -un"]);
+    assert_eq!(stdout(&out).trim(), OS_USER, "{}", stderr(&out));
 }

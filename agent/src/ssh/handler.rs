@@ -151,7 +151,7 @@ impl Connection {
     }
 
     /// Start `program` on `id`; replies success or failure on the channel.
-    fn start(
+    async fn start(
         &mut self,
         id: ChannelId,
         program: Program,
@@ -229,11 +229,8 @@ impl Connection {
                 return session.channel_success(id);
             }
         };
-        let identity = match crate::session::endpoint_identity(
-            &login.account.name,
-            &login.identity,
-            &endpoint,
-        ) {
+        let identity = match run_as_identity(&login.account.name, &login.identity, &endpoint).await
+        {
             Ok(i) => i,
             Err(e) => {
                 tracing::error!(peer = %self.peer, account = %login.account.name, "{e}");
@@ -499,7 +496,7 @@ impl russh::server::Handler for Connection {
         id: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.start(id, Program::LoginShell, session)
+        self.start(id, Program::LoginShell, session).await
     }
 
     async fn exec_request(
@@ -513,7 +510,7 @@ impl russh::server::Handler for Connection {
             // Command lines can carry secrets: only at debug level (the audit log is separate).
             tracing::debug!(peer = %self.peer, account = %login.account.name, "exec {:?}", truncate(&line, 200));
         }
-        self.start(id, Program::ShellCommand(line), session)
+        self.start(id, Program::ShellCommand(line), session).await
     }
 
     async fn subsystem_request(
@@ -552,6 +549,7 @@ impl russh::server::Handler for Connection {
                     state.pty = None;
                 }
                 self.start(id, Program::Exec(exe, vec!["sftp-server".into()]), session)
+                    .await
             }
             other => {
                 tracing::info!(peer = %self.peer, "unknown subsystem {other:?} refused");
@@ -653,5 +651,32 @@ fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
         None => s,
+    }
+}
+
+/// The identity a channel's process runs as on `endpoint`. With `run_as`, the account
+/// lookups (which a slow name service can hold up) run on a blocking thread within the
+/// endpoint's open timeout.
+async fn run_as_identity(
+    account: &str,
+    identity: &Identity,
+    endpoint: &Arc<crate::endpoints::Endpoint>,
+) -> Result<Identity, String> {
+    if endpoint.run_as.is_none() {
+        return crate::session::endpoint_identity(account, identity, endpoint)
+            .map_err(|e| e.to_string());
+    }
+    let (limit, timed_out) = endpoint.open_limit(None);
+    let lookup = {
+        let (account, identity, endpoint) =
+            (account.to_string(), identity.clone(), endpoint.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::session::endpoint_identity(&account, &identity, &endpoint)
+        })
+    };
+    match tokio::time::timeout(limit, lookup).await {
+        Ok(Ok(result)) => result.map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(format!("the account lookup failed inside the agent ({e})")),
+        Err(_) => Err(timed_out.to_string()),
     }
 }
