@@ -59,38 +59,38 @@ fn keys() -> String {
     all.join(", ")
 }
 
+/// The config file's text (empty when the file does not exist yet).
+fn read(path: &Path) -> Result<String, EditError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(source) => Err(EditError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// The endpoints a config text defines, with the built-in `default` when it does not;
+/// refused when the text is not a valid configuration.
+fn endpoints_of(text: &str, path: &Path) -> Result<Endpoints, EditError> {
+    let file = FileConfig::parse(text, path).map_err(|e| EditError::Invalid(e.to_string()))?;
+    Endpoints::from_files(&file.endpoints).map_err(|e| EditError::Invalid(e.to_string()))
+}
+
 /// The config file as a document to edit (empty when the file does not exist yet).
 fn load(path: &Path) -> Result<DocumentMut, EditError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(source) => {
-            return Err(EditError::Read {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
-    };
-    text.parse::<DocumentMut>().map_err(|e| EditError::Parse {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    read(path)?
+        .parse::<DocumentMut>()
+        .map_err(|e| EditError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
 }
 
 /// Every endpoint the config at `path` defines, with the built-in `default` when it does not.
 pub fn list(path: &Path) -> Result<Endpoints, EditError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(source) => {
-            return Err(EditError::Read {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
-    };
-    let file = FileConfig::parse(&text, path).map_err(|e| EditError::Invalid(e.to_string()))?;
-    Endpoints::from_files(&file.endpoints).map_err(|e| EditError::Invalid(e.to_string()))
+    endpoints_of(&read(path)?, path)
 }
 
 /// A table of endpoints for people: name, who, what runs, quotas.
@@ -293,8 +293,7 @@ fn string_array(items: &[String]) -> Array {
 /// Check the whole file still makes a valid configuration, then write it (0600 when new).
 fn save(path: &Path, doc: &DocumentMut) -> Result<(), EditError> {
     let text = doc.to_string();
-    let file = FileConfig::parse(&text, path).map_err(|e| EditError::Invalid(e.to_string()))?;
-    Endpoints::from_files(&file.endpoints).map_err(|e| EditError::Invalid(e.to_string()))?;
+    endpoints_of(&text, path)?;
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {

@@ -647,6 +647,9 @@ fn config_path(state: &StateArgs) -> PathBuf {
         .unwrap_or_else(paths::default_config_file)
 }
 
+/// What `endpoint add|set|rm` say of a running agent (it re-reads its endpoints).
+const APPLIES: &str = "a running agent applies it to new sessions and connections";
+
 fn endpoint(cmd: EndpointCommand) -> Result<()> {
     use remote_agent::endpoint_config as ec;
     match cmd {
@@ -661,7 +664,7 @@ fn endpoint(cmd: EndpointCommand) -> Result<()> {
             let path = config_path(&state);
             ec::add(&path, &name, &settings)?;
             eprintln!(
-                "remote-agent: added endpoint '{name}' to {}; a running agent applies it to new sessions and connections",
+                "remote-agent: added endpoint '{name}' to {}; {APPLIES}",
                 path.display()
             );
         }
@@ -673,7 +676,7 @@ fn endpoint(cmd: EndpointCommand) -> Result<()> {
             let path = config_path(&state);
             ec::set(&path, &name, &settings)?;
             eprintln!(
-                "remote-agent: changed endpoint '{name}' in {}; a running agent applies it to new sessions and connections",
+                "remote-agent: changed endpoint '{name}' in {}; {APPLIES}",
                 path.display()
             );
         }
@@ -686,7 +689,7 @@ fn endpoint(cmd: EndpointCommand) -> Result<()> {
                 ""
             };
             eprintln!(
-                "remote-agent: removed endpoint '{name}' from {}{note}; a running agent applies it to new sessions and connections",
+                "remote-agent: removed endpoint '{name}' from {}{note}; {APPLIES}",
                 path.display()
             );
         }

@@ -670,14 +670,7 @@ impl Tester {
         };
         let (code, out, err) = match tokio::time::timeout(SESSION_TIMEOUT, run).await {
             Err(_) => return Err(self.command_timeout(&addr)),
-            Ok(Err(e)) => {
-                return Err(Failure::new(
-                    Step::Command,
-                    "command",
-                    "the command did not run",
-                    e.to_string(),
-                ));
-            }
+            Ok(Err(e)) => return Err(command_failed(e)),
             Ok(Ok(r)) => r,
         };
         let stderr = String::from_utf8_lossy(&err).trim().to_string();
@@ -774,12 +767,7 @@ impl Tester {
                 );
                 Ok(())
             }
-            Ok(Err(e)) => Err(Failure::new(
-                Step::Command,
-                "command",
-                "the command did not run",
-                e.to_string(),
-            )),
+            Ok(Err(e)) => Err(command_failed(e)),
             Ok(Ok((code, out, err))) => self.check_output(&addr, code, &out, &err),
         }
     }
@@ -947,12 +935,7 @@ impl Tester {
         let _ = tokio::time::timeout(Duration::from_secs(10), conn.delete_shell(&shell)).await;
         match ran {
             Err(_) => Err(self.command_timeout(&addr)),
-            Ok(Err(e)) => Err(Failure::new(
-                Step::Command,
-                "command",
-                "the command did not run",
-                e.to_string(),
-            )),
+            Ok(Err(e)) => Err(command_failed(e)),
             Ok(Ok((code, out, err))) => self.check_output(&addr, code, &out, &err),
         }
     }
@@ -1163,6 +1146,16 @@ impl Tester {
         ch.close().await;
         result
     }
+}
+
+/// The trivial command could not be run (the connection broke, the agent refused it).
+fn command_failed(e: impl std::fmt::Display) -> Failure {
+    Failure::new(
+        Step::Command,
+        "command",
+        "the command did not run",
+        e.to_string(),
+    )
 }
 
 /// The step an SSH error belongs to.

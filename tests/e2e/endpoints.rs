@@ -57,19 +57,6 @@ fn agent(extra: &[String]) -> (Agent, ClientKey) {
     (agent, key)
 }
 
-/// OpenSSH as `user` with `key`, choosing `endpoint` (none: the default).
-fn ssh(agent: &Agent, user: &str, key: &ClientKey, endpoint: Option<&str>) -> Command {
-    let mut cmd = Command::new(require_tool("ssh", "openssh-client"));
-    cmd.args(ssh_options(agent.port()))
-        .args(["-o", "BatchMode=yes", "-i"])
-        .arg(&key.private);
-    if let Some(e) = endpoint {
-        cmd.arg("-o").arg(format!("SetEnv=REMOTE_ENDPOINT={e}"));
-    }
-    cmd.arg(format!("{user}@127.0.0.1"));
-    cmd
-}
-
 fn run(cmd: &mut Command) -> Output {
     run_with_timeout(cmd, None, T)
 }
@@ -184,17 +171,21 @@ fn a_restricted_endpoint_runs_only_its_commands_over_ssh_winrm_and_the_relay() {
     let touch = format!("touch {}", can.display());
 
     // SSH.
-    let out = run(ssh(&agent, "carol", &key, Some("restricted")).arg("df -h"));
+    let out = run(agent.ssh_on("carol", &key, Some("restricted")).arg("df -h"));
     assert!(out.status.success(), "df -h: {}", stderr(&out));
     assert!(stdout(&out).contains("Filesystem"), "{}", stdout(&out));
-    let out = run(ssh(&agent, "carol", &key, Some("restricted")).arg(format!("df; {touch}")));
+    let out = run(agent
+        .ssh_on("carol", &key, Some("restricted"))
+        .arg(format!("df; {touch}")));
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("endpoint 'restricted' does not allow 'df;'"),
         "{}",
         stderr(&out)
     );
-    let out = run(ssh(&agent, "carol", &key, Some("restricted")).arg(format!("sh -c '{touch}'")));
+    let out = run(agent
+        .ssh_on("carol", &key, Some("restricted"))
+        .arg(format!("sh -c '{touch}'")));
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("endpoint 'restricted' does not allow 'sh'")
@@ -203,7 +194,7 @@ fn a_restricted_endpoint_runs_only_its_commands_over_ssh_winrm_and_the_relay() {
         stderr(&out)
     );
     // No interactive shell there either (a shell request, no command).
-    let mut shell = ssh(&agent, "carol", &key, Some("restricted"));
+    let mut shell = agent.ssh_on("carol", &key, Some("restricted"));
     let out = run_with_timeout(&mut shell, Some(b"echo hi\n"), T);
     assert!(!out.status.success());
     assert!(
@@ -288,10 +279,12 @@ fn the_default_endpoint_admits_admins_only_over_ssh_winrm_and_the_relay() {
     let denied = "access denied: user 'carol' may not use endpoint 'default' (allowed: admins). Ask an admin to add you, or pick --endpoint";
 
     // SSH: refused on default, admitted where the endpoint lists carol.
-    let out = run(ssh(&agent, "carol", &key, None).arg("echo hi"));
+    let out = run(agent.ssh_on("carol", &key, None).arg("echo hi"));
     assert!(!out.status.success());
     assert!(stderr(&out).contains(denied), "{}", stderr(&out));
-    let out = run(ssh(&agent, "carol", &key, Some("restricted")).arg("uptime"));
+    let out = run(agent
+        .ssh_on("carol", &key, Some("restricted"))
+        .arg("uptime"));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("load average"), "{}", stdout(&out));
 
@@ -612,7 +605,7 @@ fn a_running_agent_applies_endpoint_changes_without_a_restart() {
         assert!(out.status.success(), "endpoint {args:?}: {}", stderr(&out));
     };
     let carol_on_jea =
-        |agent: &Agent, command: &str| run(ssh(agent, "carol", &key, Some("jea")).arg(command));
+        |agent: &Agent, command: &str| run(agent.ssh_on("carol", &key, Some("jea")).arg(command));
 
     let out = carol_on_jea(&agent, "uptime");
     assert!(
@@ -679,11 +672,13 @@ fn the_audit_log_records_logins_refusals_sessions_and_commands() {
         json!({"op": "run_cmd", "command": "uptime"}),
     ));
     assert!(r.get("error").is_some(), "{r:#}");
-    let out = run(ssh(&agent, "carol", &key, Some("restricted")).arg("df -h"));
+    let out = run(agent.ssh_on("carol", &key, Some("restricted")).arg("df -h"));
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = run(ssh(&agent, "carol", &key, Some("restricted")).arg("sh -c id"));
+    let out = run(agent
+        .ssh_on("carol", &key, Some("restricted"))
+        .arg("sh -c id"));
     assert!(!out.status.success());
-    let out = run(ssh(&agent, "carol", &key, None).arg("id"));
+    let out = run(agent.ssh_on("carol", &key, None).arg("id"));
     assert!(!out.status.success());
     // WinRM: a session (shell) with a command in it.
     let r = winrm_cmds(&agent, Some("restricted"), json!([["uptime", []]]));

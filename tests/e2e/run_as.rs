@@ -201,14 +201,8 @@ fn an_endpoints_run_as_runs_its_commands_as_that_os_user() {
     let key = agent.key("dave_key");
     agent.add_user("dave", None, Some(&key));
     let whoami = |endpoint: Option<&str>| {
-        let mut cmd = Command::new(require_tool("ssh", "openssh-client"));
-        cmd.args(ssh_options(agent.port()))
-            .args(["-o", "BatchMode=yes", "-i"])
-            .arg(&key.private);
-        if let Some(e) = endpoint {
-            cmd.arg("-o").arg(format!("SetEnv=REMOTE_ENDPOINT={e}"));
-        }
-        let out = run_with_timeout(cmd.arg("dave@127.0.0.1").arg("id -un"), None, T);
+        let mut cmd = agent.ssh_on("dave", &key, endpoint);
+        let out = run_with_timeout(cmd.arg("id -un"), None, T);
         stdout(&out).trim().to_string()
     };
     assert_eq!(whoami(Some("svc")), OS_USER);

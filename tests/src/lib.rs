@@ -341,13 +341,21 @@ impl Agent {
     /// `ssh` with options that make it deterministic against this agent, authenticating
     /// with `key`. Append the remote command with `.arg(..)`.
     pub fn ssh(&self, user: &str, key: &ClientKey) -> Command {
+        self.ssh_on(user, key, None)
+    }
+
+    /// The same on `endpoint` (`-o SetEnv=REMOTE_ENDPOINT=…`; none: the default).
+    pub fn ssh_on(&self, user: &str, key: &ClientKey, endpoint: Option<&str>) -> Command {
         let mut cmd = Command::new(require_tool("ssh", "openssh-client"));
         cmd.args(ssh_options(self.port()))
             .arg("-o")
             .arg("BatchMode=yes")
             .arg("-i")
-            .arg(&key.private)
-            .arg(format!("{user}@127.0.0.1"));
+            .arg(&key.private);
+        if let Some(e) = endpoint {
+            cmd.arg("-o").arg(format!("SetEnv=REMOTE_ENDPOINT={e}"));
+        }
+        cmd.arg(format!("{user}@127.0.0.1"));
         cmd
     }
 
