@@ -129,6 +129,18 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
     }
 }
 
+/// Open `path` for reading and writing, creating it with mode 0600 if missing (an existing
+/// file keeps its contents).
+pub(crate) fn open_private(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+}
+
 fn corrupt(detail: String) -> StoreError {
     StoreError::Corrupt {
         what: "reading a journal segment",
@@ -266,14 +278,7 @@ impl Segments {
     /// appending after whatever it holds. The store commits the segment's row first.
     pub fn open_segment(&self, writer: &mut Writer, id: i64) -> Result<(), StoreError> {
         let path = self.path(id);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
+        let file = open_private(&path).map_err(io_err("open", &path))?;
         let len = file.metadata().map_err(io_err("inspect", &path))?.len();
         writer.current = Some(Current {
             id,

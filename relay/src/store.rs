@@ -1704,19 +1704,12 @@ fn redact_url(url: &str) -> String {
 /// Create the SQLite file with mode 0600 before SQLite does (its WAL and shm files inherit
 /// the mode), and tighten an existing file's mode.
 fn prepare_sqlite_file(path: &Path) -> Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let err = |source| StoreError::File {
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(err)?;
+    let file = crate::segments::open_private(path).map_err(err)?;
     let meta = file.metadata().map_err(err)?;
     if meta.permissions().mode() & 0o077 != 0 {
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
